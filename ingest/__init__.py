@@ -1,0 +1,1 @@
+"""Ingestion: sources -> elements -> chunks -> vectors -> Milvus (+ image bytes in the blob store)."""

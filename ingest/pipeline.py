@@ -1,0 +1,334 @@
+"""The ingest run: sources -> elements -> chunks -> vectors -> Milvus, exact and restartable.
+
+Per source, the order of writes is what makes an interrupted run recoverable by running it again:
+  1. image bytes into the content-addressed blob store (same bytes, same key: rewriting is a no-op);
+  2. the new version's chunks upserted (ids derive from document, position and content, so a rerun overwrites);
+  3. chunks of any other version of the document deleted (searches never see the document missing meanwhile);
+  4. the document record, carrying the new version, written last.
+A source counts as unchanged only when its record holds the hash of its current bytes, i.e. after step 4. A run
+killed anywhere before that leaves the old record, so the same command redoes the source and ends in the state an
+uninterrupted run gives. Blobs no chunk references any more are swept at the end of a run that wrote or deleted
+any (a marker in the blob store makes the next run sweep when a run is killed before its sweep).
+
+Reading, parsing, chunking and image preprocessing run in a worker thread, ahead of the embedding, so decoding
+overlaps inference; embeddings are batched across sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import mimetypes
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ingest.chunking import Draft, chunk_elements
+from ingest.elements import ParseOptions
+from ingest.parsers import parse_file, sniff_kind
+from ingest.sources import discover
+from mmrag.blobs import BlobStore
+from mmrag.config import Settings
+from mmrag.errors import BadInputError, MmragError
+from mmrag.index import MAX_TEXT_BYTES, DocRecord, MilvusIndex, clip_text
+from mmrag.models import ModelSet
+from mmrag.records import Chunk, Document, Failure, IngestReport
+
+logger = logging.getLogger(__name__)
+
+_KIND_MIME = {
+    "pdf": "application/pdf",
+    "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    "html": "text/html", "markdown": "text/markdown", "text": "text/plain",
+}
+
+
+@dataclass
+class _Prepared:
+    """One source, parsed and chunked, waiting for its vectors."""
+
+    document: Document
+    status: str  # added | updated
+    chunks: list[Chunk]
+    image_pixels: list[Any] = field(default_factory=list)  # CLIP-preprocessed tensors, one per image chunk
+
+
+@dataclass
+class _Outcome:
+    path: Path
+    status: str  # unchanged | failed | prepared
+    prepared: _Prepared | None = None
+    reason: str = ""
+
+
+def parse_options(settings: Settings) -> ParseOptions:
+    s = settings.ingest
+    return ParseOptions(max_image_pixels=s.max_image_pixels, max_archive_bytes=s.max_archive_bytes,
+                        max_archive_ratio=s.max_archive_ratio, min_image_side=s.min_image_side,
+                        fetch_remote=s.fetch_remote)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if isinstance(exc, MmragError) else f"{type(exc).__name__}: {text}"
+
+
+class Ingestor:
+    """Runs ingests against one index, blob store and model set (all owned by the caller)."""
+
+    def __init__(self, settings: Settings, models: ModelSet, index: MilvusIndex, blobs: BlobStore) -> None:
+        self.settings = settings
+        self.models = models
+        self.index = index
+        self.blobs = blobs
+        self.options = parse_options(settings)
+        self._mark_lock = threading.Lock()
+        self._marked = False
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def ingest(self, paths: list[Path], *, sync: bool = False, tenant: str | None = None,
+               progress: bool = False) -> IngestReport:
+        tenant = tenant or self.settings.tenant
+        # 1. Check the knowledge base was filled by the encoders we have (creates it on first use).
+        text_encoder = self.models.text_embedder
+        clip = self.models.clip
+        self.index.ensure(text_encoder.signature, clip.signature if clip else None)
+        self._marked = self.blobs.pending_gc()  # a killed predecessor left blobs to sweep
+        # 2. Find the sources and what the knowledge base already holds for this tenant.
+        found = discover(paths, self.settings.ingest.include, self.settings.ingest.exclude)
+        known = {d.source: d for d in self.index.documents(tenant)}
+        failed = [Failure(m, "no such file or directory") for m in found.missing]
+        counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
+        chunk_counts = {"text": 0, "image": 0}
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(found.files), unit="file", desc="ingest", disable=not progress, leave=False)
+        pending: list[_Prepared] = []
+        try:
+            # 3. Prepare sources in a worker thread; embed and write in batches here.
+            for outcome in self._prepare_all(found.files, known, tenant, clip is not None):
+                if outcome.status == "unchanged":
+                    counts["unchanged"] += 1
+                    bar.update(1)
+                elif outcome.status == "failed":
+                    failed.append(Failure(str(outcome.path), outcome.reason))
+                    logger.warning("skipped %s: %s", outcome.path, outcome.reason)
+                    bar.update(1)
+                else:
+                    assert outcome.prepared is not None
+                    self._mark_blob_writes()  # replacing a version may orphan its images
+                    pending.append(outcome.prepared)
+                    if self._batch_full(pending):
+                        self._commit(pending, counts, chunk_counts, failed, bar)
+                        pending = []
+            self._commit(pending, counts, chunk_counts, failed, bar)
+            # 4. --sync: sources gone from the walked folders leave the knowledge base.
+            if sync:
+                seen = {str(p) for p in found.files}
+                for root in found.roots:
+                    prefix = str(root).rstrip("/") + "/"
+                    for source, record in known.items():
+                        if source.startswith(prefix) and source not in seen:
+                            self._mark_blob_writes()
+                            self.index.delete_document(record.doc_id)
+                            counts["deleted"] += 1
+            # 5. Sweep blobs that no chunk references any more.
+            if self._marked:
+                self.blobs.sweep(self.index.blob_keys())
+                self.blobs.clear_pending_gc()
+            self.index.flush()
+        finally:
+            bar.close()
+        return IngestReport(**counts, failed=tuple(failed), chunks=chunk_counts)
+
+    def delete(self, doc_ids: list[str], tenant: str | None = None) -> int:
+        """Delete documents (chunks, record, then unreferenced blobs); returns how many were deleted."""
+        records = [self.index.document(doc_id, tenant) for doc_id in doc_ids]
+        self.blobs.mark_pending_gc()
+        for record in records:
+            self.index.delete_document(record.doc_id)
+        self.blobs.sweep(self.index.blob_keys())
+        self.blobs.clear_pending_gc()
+        self.index.flush()
+        return len(records)
+
+    def _mark_blob_writes(self) -> None:
+        """Before the run's first blob write or delete: leave the marker that makes a successor sweep."""
+        with self._mark_lock:
+            if not self._marked:
+                self.blobs.mark_pending_gc()
+                self._marked = True
+
+    # -- preparing (worker thread) ----------------------------------------------------------------------------
+    def _prepare_all(self, files: list[Path], known: dict[str, DocRecord], tenant: str,
+                     with_clip: bool) -> Iterator[_Outcome]:
+        """Prepare sources in one worker thread, a few ahead of the consumer, in order."""
+        lookahead: queue.Queue[_Outcome | None] = queue.Queue(maxsize=8)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for path in files:
+                    if stop.is_set():
+                        return
+                    lookahead.put(self._prepare(path, known, tenant, with_clip))
+            finally:
+                lookahead.put(None)
+
+        worker = threading.Thread(target=work, name="mmrag-ingest-prepare", daemon=True)
+        worker.start()
+        try:
+            while (item := lookahead.get()) is not None:
+                yield item
+        finally:
+            stop.set()
+            while worker.is_alive():  # drain so the worker can finish its put and exit
+                try:
+                    lookahead.get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+    def _prepare(self, path: Path, known: dict[str, DocRecord], tenant: str, with_clip: bool) -> _Outcome:
+        try:
+            size = path.stat().st_size
+            limit = self.settings.ingest.max_file_bytes
+            if size > limit:
+                raise BadInputError(f"file is {size:,} bytes, above the limit of {limit:,} (ingest.max_file_bytes)")
+            data = path.read_bytes()
+            version = hashlib.sha256(data).hexdigest()
+            source = str(path)
+            previous = known.get(source)
+            if previous is not None and previous.version == version:
+                return _Outcome(path, "unchanged")
+            kind = sniff_kind(path, data)
+            elements = parse_file(path, data, self.options)
+            doc_id = Document.make_id(source, tenant)
+            mime = _KIND_MIME.get(kind) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            document = Document(source=source, doc_id=doc_id, version=version, mime=mime, tenant=tenant,
+                                metadata={"name": path.name, "bytes": size})
+            settings = self.settings.ingest
+            embedder = self.models.text_embedder
+            budget = min(settings.chunk_tokens, embedder.max_tokens)
+            drafts = chunk_elements(elements, embedder, budget, min(settings.overlap_tokens, budget // 2))
+            if not drafts:
+                raise BadInputError("no text or images found")
+            chunks, pixels = self._to_chunks(document, drafts, with_clip)
+            status = "updated" if previous is not None else "added"
+            return _Outcome(path, "prepared", _Prepared(document, status, chunks, pixels))
+        except MmragError as exc:
+            return _Outcome(path, "failed", reason=_one_line(exc))
+        except Exception as exc:  # noqa: BLE001 - one broken file never aborts the batch
+            logger.debug("unexpected failure on %s", path, exc_info=True)
+            return _Outcome(path, "failed", reason=_one_line(exc))
+
+    def _to_chunks(self, document: Document, drafts: list[Draft], with_clip: bool) -> tuple[list[Chunk], list[Any]]:
+        from PIL import Image
+
+        clip = self.models.clip if with_clip else None
+        chunks: list[Chunk] = []
+        pixels: list[Any] = []
+        for position, draft in enumerate(drafts):
+            meta = dict(draft.meta)
+            if draft.bbox is not None:
+                meta["bbox"] = [round(float(v), 2) for v in draft.bbox]
+            if draft.modality == "image":
+                assert draft.image is not None
+                fmt = (Image.open(io.BytesIO(draft.image)).format or "png").lower()
+                self._mark_blob_writes()
+                key = self.blobs.put(draft.image, "jpg" if fmt == "jpeg" else fmt)
+                if clip is not None:
+                    pixels.append(clip.preprocess_bytes(draft.image))
+                chunk_id = Chunk.make_id(document.doc_id, "image", position, key)
+                chunks.append(Chunk(chunk_id, document.doc_id, "image", blob=key, page=draft.page,
+                                    bbox=draft.bbox, order=position, context=clip_text(draft.context, 8192),
+                                    metadata=meta))
+            else:
+                text = clip_text(draft.text, MAX_TEXT_BYTES)
+                chunk_id = Chunk.make_id(document.doc_id, draft.modality, position, text)
+                chunks.append(Chunk(chunk_id, document.doc_id, draft.modality, text=text, page=draft.page,  # type: ignore[arg-type]
+                                    order=position, metadata=meta))
+        return chunks, pixels
+
+    # -- embedding and writing (main thread) ------------------------------------------------------------------
+    def _batch_full(self, pending: list[_Prepared]) -> bool:
+        images = sum(len(p.image_pixels) for p in pending)
+        texts = sum(len(p.chunks) for p in pending)
+        return images >= self.settings.ingest.image_batch or texts >= 4 * self.settings.ingest.text_batch
+
+    def _commit(self, pending: list[_Prepared], counts: dict[str, int], chunk_counts: dict[str, int],
+                failed: list[Failure], bar: Any) -> None:
+        if not pending:
+            return
+        try:
+            self._write(pending)
+        except Exception:  # noqa: BLE001 - isolate the source that broke the batch
+            if len(pending) == 1:
+                raise
+            for prepared in pending:
+                try:
+                    self._write([prepared])
+                except MmragError as exc:
+                    failed.append(Failure(prepared.document.source, _one_line(exc)))
+                    bar.update(1)
+                    continue
+                self._count(prepared, counts, chunk_counts, bar)
+            return
+        for prepared in pending:
+            self._count(prepared, counts, chunk_counts, bar)
+
+    @staticmethod
+    def _count(prepared: _Prepared, counts: dict[str, int], chunk_counts: dict[str, int], bar: Any) -> None:
+        counts[prepared.status] += 1
+        for chunk in prepared.chunks:
+            chunk_counts["image" if chunk.modality == "image" else "text"] += 1
+        bar.update(1)
+
+    def _write(self, pending: list[_Prepared]) -> None:
+        import torch
+
+        chunks = [c for p in pending for c in p.chunks]
+        text_vectors = self.models.text_embedder.encode([c.search_text for c in chunks])
+        clip = self.models.clip
+        clip_vectors: np.ndarray | None = None
+        if clip is not None:
+            clip_vectors = np.zeros((len(chunks), clip.signature.dim), dtype=np.float32)
+            text_rows = [i for i, c in enumerate(chunks) if c.modality != "image"]
+            image_rows = [i for i, c in enumerate(chunks) if c.modality == "image"]
+            if text_rows:
+                clip_vectors[text_rows] = clip.encode_texts([chunks[i].text for i in text_rows])
+            pixels = [t for p in pending for t in p.image_pixels]
+            if image_rows:
+                step = self.settings.ingest.image_batch
+                vectors = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
+                           for s in range(0, len(pixels), step)]
+                clip_vectors[image_rows] = np.concatenate(vectors)
+        by_doc = {p.document.doc_id: p.document for p in pending}
+        rows = []
+        for i, chunk in enumerate(chunks):
+            document = by_doc[chunk.doc_id]
+            row = {
+                "id": chunk.id, "doc_id": chunk.doc_id, "tenant": document.tenant, "modality": chunk.modality,
+                "text": chunk.search_text, "source": document.source,
+                "page": chunk.page if chunk.page is not None else -1, "position": chunk.order,
+                "blob": chunk.blob, "version": document.version, "meta": chunk.metadata,
+                "text_vector": text_vectors[i].tolist(),
+            }
+            if clip_vectors is not None:
+                row["clip_vector"] = clip_vectors[i].tolist()
+            rows.append(row)
+        self.index.upsert_chunks(rows)
+        for prepared in pending:
+            # Also for "added" sources: a run killed after step 2 on an earlier version left no record.
+            self.index.delete_stale(prepared.document.doc_id, prepared.document.version)
+        self.index.put_document(DocRecord(
+            p.document.doc_id, p.document.tenant, p.document.source, p.document.version, p.document.mime,
+            n_text=sum(c.modality != "image" for c in p.chunks), n_image=sum(c.modality == "image" for c in p.chunks),
+            meta=p.document.metadata) for p in pending)

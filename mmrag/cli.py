@@ -1,0 +1,221 @@
+"""The ``mmrag`` command line: ingest, delete, stats, models.
+
+Global options come before the command: ``mmrag --data-dir DIR --profile NAME --milvus-uri URI COMMAND ...``.
+Errors print one line (what went wrong, what to do) and exit with the code ``mmrag.errors.EXIT_CODES`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmrag.config import load_settings
+from mmrag.errors import MmragError, NotFoundError, exit_code
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Grounded multimodal generation over a Milvus knowledge base.")
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)
+logger = logging.getLogger("mmrag")
+
+
+class _State:
+    settings_kwargs: dict[str, Any] = {}
+    verbose: bool = False
+
+
+@app.callback()
+def main_options(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="MMRAG_DATA_DIR",
+                                            help="Where the embedded Milvus and blobs live [default: ./mmrag-data]"),
+    profile: Optional[str] = typer.Option(None, "--profile", envvar="MMRAG_PROFILE",
+                                          help="Built-in profile name or path to a .toml profile [default: default]"),
+    milvus_uri: Optional[str] = typer.Option(None, "--milvus-uri", envvar="MMRAG_MILVUS_URI",
+                                             help="Milvus server URI, e.g. http://localhost:19530 [default: embedded]"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details and show tracebacks."),
+) -> None:
+    kwargs: dict[str, Any] = {"data_dir": data_dir, "profile": profile}
+    if milvus_uri:
+        kwargs["milvus"] = {"uri": milvus_uri}
+    _State.settings_kwargs = kwargs
+    _State.verbose = verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        for noisy in ("httpx", "urllib3", "pymilvus", "sentence_transformers", "unstructured", "root", "PIL"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger().setLevel(logging.ERROR)
+        logging.getLogger("mmrag").setLevel(logging.WARNING)
+        logging.getLogger("ingest").setLevel(logging.ERROR)
+
+
+def _runtime():
+    from mmrag.runtime import Runtime
+
+    return Runtime(load_settings(**_State.settings_kwargs))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+@app.command()
+def ingest(
+    paths: list[Path] = typer.Argument(..., help="Files or folders (walked recursively)."),
+    sync: bool = typer.Option(False, "--sync", help="Also remove what disappeared from the given folders."),
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Tenant the documents belong to."),
+    include: list[str] = typer.Option([], "--include", help="Only files matching this glob (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Skip files matching this glob (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Ingest documents and images; unchanged sources are skipped, changed ones replaced."""
+    from mmrag.records import to_dict
+
+    runtime = _runtime()
+    if include or exclude:
+        section = runtime.settings.ingest
+        runtime.settings.ingest = section.model_copy(update={
+            "include": list(section.include) + include, "exclude": list(section.exclude) + exclude})
+    with runtime:
+        report = runtime.ingestor.ingest(paths, sync=sync, tenant=tenant, progress=sys.stderr.isatty() and not as_json)
+    data = to_dict(report)
+    if as_json:
+        _print_json(data)
+    else:
+        table = Table(title="ingest")
+        for column in ("added", "updated", "unchanged", "deleted", "failed", "text chunks", "image chunks"):
+            table.add_column(column, justify="right")
+        table.add_row(*(str(v) for v in (report.added, report.updated, report.unchanged, report.deleted,
+                                          len(report.failed), report.chunks["text"], report.chunks["image"])))
+        out.print(table)
+        for failure in report.failed:
+            err.print(f"[red]failed[/red] {failure.source}: {failure.reason}", highlight=False, markup=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def delete(
+    docs: list[str] = typer.Argument(None, help="Document ids or source paths."),
+    tenant: Optional[str] = typer.Option(None, "--tenant"),
+    all_: bool = typer.Option(False, "--all", help="Delete the whole knowledge base."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask before --all."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Delete documents (their chunks, record and unreferenced images), or the whole knowledge base."""
+    with _runtime() as runtime:
+        tenant = tenant or runtime.settings.tenant
+        if all_:
+            if not yes and not typer.confirm(f"Delete knowledge base {runtime.settings.milvus.collection!r}?"):
+                raise typer.Exit(1)
+            runtime.index.delete_all()
+            removed = runtime.blobs.sweep(set())
+            result = {"deleted": "all", "blobs_removed": removed}
+        else:
+            if not docs:
+                raise MmragError("name at least one document id or source path, or --all")
+            known = {d.source: d.doc_id for d in runtime.index.documents(tenant)}
+            ids = []
+            for doc in docs:
+                path = str(Path(doc).expanduser().resolve())
+                ids.append(known.get(path, known.get(doc, doc)))
+            result = {"deleted": runtime.ingestor.delete(ids, tenant)}
+    if as_json:
+        _print_json(result)
+    else:
+        out.print(f"deleted {result['deleted']}")
+
+
+@app.command()
+def stats(
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant [default: every tenant]."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What the knowledge base holds."""
+    with _runtime() as runtime:
+        data = runtime.index.stats(tenant)
+        data["blobs"] = sum(1 for _ in runtime.blobs.keys())
+        data["blob_store"] = runtime.settings.blob_url
+    if as_json:
+        _print_json(data)
+        return
+    table = Table(title=f"knowledge base {data['knowledge_base']}", show_header=False)
+    for key in ("milvus_uri", "blob_store", "documents"):
+        table.add_row(key, str(data[key]))
+    for modality, count in data["chunks"].items():
+        table.add_row(f"{modality} chunks", str(count))
+    table.add_row("blobs", str(data["blobs"]))
+    for role, sig in data["encoders"].items():
+        table.add_row(f"{role} encoder", f"{sig['model']} ({sig['dim']}-d)" if sig else "none")
+    out.print(table)
+
+
+@app.command()
+def models(as_json: bool = typer.Option(False, "--json")) -> None:
+    """What each model role resolves to, and whether it is available offline."""
+    from mmrag.models import describe_models
+
+    settings = load_settings(**_State.settings_kwargs)
+    resolutions = describe_models(settings)
+    if as_json:
+        _print_json([{"role": r.role, "configured": r.configured, "source": r.source, "location": r.location,
+                      "available": r.available, "optional": r.optional, "note": r.note} for r in resolutions])
+    else:
+        _models_table(settings.profile, resolutions)
+    if any(r.configured and not r.available and not r.optional for r in resolutions):
+        raise typer.Exit(4)
+
+
+def _models_table(profile: str, resolutions: list) -> None:
+    table = Table(title=f"models (profile {profile})")
+    for column in ("role", "offline", "from", "resolves to"):
+        table.add_column(column, overflow="fold")
+    for r in resolutions:
+        status = "[green]yes[/green]" if r.available else ("[yellow]no[/yellow]" if r.optional else "[red]no[/red]")
+        table.add_row(r.role, status, r.source, r.location or "-")
+    out.print(table)
+    for r in resolutions:
+        note = r.note
+        if r.role == "clip" and not r.available:
+            note += ". Images are still ingested and found through their context text."
+        out.print(f"{r.role}: {note}", highlight=False, markup=False, soft_wrap=True)
+
+
+def main() -> None:
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # unstructured's telemetry look-up
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code = app(standalone_mode=False)  # returns the code of a typer.Exit in non-standalone mode
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(1)
+    except MmragError as exc:
+        if _State.verbose:
+            err.print_exception()
+        err.print(f"error: {exc}", highlight=False, markup=False)
+        sys.exit(exit_code(exc))
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a bare traceback
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _State.verbose:
+            err.print_exception()
+        err.print(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for details)",
+                  highlight=False, markup=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,190 @@
+"""One ``Settings`` object, built once at the entry point and passed down.
+
+Precedence, highest first: keyword arguments (the CLI's options), environment variables (prefix ``MMRAG_``, nested
+sections with ``__``, e.g. ``MMRAG_MILVUS__URI``), the profile file, the defaults below. A profile is a TOML data
+file: a built-in name (``mmrag/profiles/NAME.toml``) or a path to a ``.toml`` file. No stage reads the environment;
+no module keeps a global settings object.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from mmrag.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+ROLES: tuple[str, ...] = ("clip", "text_embedder", "llm", "image_generator", "reranker", "support_scorer")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Section):
+    """Where a model role's weights come from: a local folder or file, a package that ships them, or a hub name.
+
+    They are tried in that order; the first that exists wins (see ``mmrag.models.resolve``).
+    """
+
+    name: str | None = None  # hub name ("org/model") or, for CLIP, the open_clip architecture ("ViT-B-32")
+    pretrained: str | None = None  # open_clip pretrained tag ("laion2b_s34b_b79k")
+    path: str | None = None  # local folder or weights file
+    package: str | None = None  # an installed Python package that ships the weights
+    file: str | None = None  # file (glob) inside the folder or package, e.g. a GGUF file
+    backend: str | None = None  # an implementation that needs no weights (e.g. a lexical support scorer)
+    optional: bool = False  # an optional role degrades with a clear notice instead of failing
+    precision: Precision = "auto"
+    batch_size: int = Field(default=32, ge=1)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelsSection(_Section):
+    clip: ModelSpec | None = None
+    text_embedder: ModelSpec | None = None
+    llm: ModelSpec | None = None
+    image_generator: ModelSpec | None = None
+    reranker: ModelSpec | None = None
+    support_scorer: ModelSpec | None = None
+
+
+class MilvusSection(_Section):
+    uri: str | None = None  # None: embedded milvus-lite under the data dir; else e.g. http://host:19530
+    token: str | None = None
+    db_name: str | None = None
+    collection: str = "mmrag"  # knowledge base name; the chunk and document collections derive from it
+    index_type: str = "HNSW"  # dense index: HNSW | IVF_FLAT | FLAT | AUTOINDEX
+    index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
+    write_batch: int = Field(default=256, ge=1)
+
+    @field_validator("collection")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not value.replace("_", "").isalnum() or not value[0].isalpha():
+            raise ValueError(f"collection name {value!r} must start with a letter and hold only letters, digits, _")
+        return value
+
+
+class BlobSection(_Section):
+    url: str | None = None  # None: <data dir>/blobs; any fsspec URL, e.g. s3://bucket/prefix
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class IngestSection(_Section):
+    include: list[str] = Field(default_factory=list)  # globs relative to each folder; empty: every supported file
+    exclude: list[str] = Field(default_factory=lambda: [".*", "**/.*", "**/__pycache__/**"])
+    chunk_tokens: int = Field(default=256, ge=16)  # bounded by the text embedder's max sequence length
+    overlap_tokens: int = Field(default=32, ge=0)
+    max_file_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=64_000_000, ge=1)
+    max_archive_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_archive_ratio: float = Field(default=200.0, gt=1)
+    min_image_side: int = Field(default=16, ge=1)
+    fetch_remote: bool = False
+    image_batch: int = Field(default=32, ge=1)
+    text_batch: int = Field(default=32, ge=1)
+
+
+class RuntimeSection(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int | None = None  # None: every core the process may use
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMRAG_", env_nested_delimiter="__", extra="forbid")
+
+    profile: str = "default"
+    data_dir: Path = Path("mmrag-data")
+    tenant: str = "default"
+    models: ModelsSection = Field(default_factory=ModelsSection)
+    milvus: MilvusSection = Field(default_factory=MilvusSection)
+    blobs: BlobSection = Field(default_factory=BlobSection)
+    ingest: IngestSection = Field(default_factory=IngestSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _ProfileSource(settings_cls, init_settings))
+
+    @property
+    def milvus_uri(self) -> str:
+        """The URI pymilvus connects to: the configured server, or the embedded store under the data dir."""
+        return self.milvus.uri or str(self.data_dir / "milvus.db")
+
+    @property
+    def blob_url(self) -> str:
+        return self.blobs.url or str(self.data_dir / "blobs")
+
+
+class _ProfileSource(PydanticBaseSettingsSource):
+    """The profile file as the lowest-precedence settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._init = init_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        init_kwargs = getattr(self._init, "init_kwargs", {}) or {}
+        name = init_kwargs.get("profile") or os.environ.get("MMRAG_PROFILE") or "default"
+        data = read_profile(name)
+        data.pop("profile", None)
+        return data
+
+
+def profile_path(name: str) -> Path:
+    """The file of a profile: a path to a ``.toml`` file, or a built-in profile name."""
+    candidate = Path(name).expanduser()
+    if candidate.suffix == ".toml":
+        if not candidate.is_file():
+            raise ConfigError(f"profile file {str(candidate)!r} does not exist")
+        return candidate
+    builtin = PROFILES_DIR / f"{name}.toml"
+    if not builtin.is_file():
+        raise ConfigError(
+            f"unknown profile {name!r}: built-in profiles are {', '.join(available_profiles())}; "
+            "or pass a path to a .toml file"
+        )
+    return builtin
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
+
+
+def read_profile(name: str) -> dict[str, Any]:
+    path = profile_path(name)
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"profile {str(path)!r} is not valid TOML: {exc}") from exc
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings; ``overrides`` are the entry point's options (``None`` values are ignored)."""
+    from pydantic import ValidationError
+
+    clean = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**clean)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc

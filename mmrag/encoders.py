@@ -1,0 +1,226 @@
+"""Encoders: a sentence-transformers text embedder and an open_clip image/text encoder.
+
+Both return L2-normalised float32 numpy arrays, so Milvus' COSINE and IP metrics agree. Precision follows the
+hardware (``mmrag.device.pick_dtype``) unless the profile fixes it. Models are built by the ``load_*`` functions,
+called by ``mmrag.models.ModelSet`` on first use; the classes also accept pre-built models (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from mmrag.errors import BadInputError, ModelUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from mmrag.config import ModelSpec, RuntimeSection
+    from mmrag.models import Resolution
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderSignature:
+    """What filled a vector field; a collection records it and refuses to mix encoders."""
+
+    model: str
+    dim: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dim": self.dim}
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    signature: EncoderSignature
+    max_tokens: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+
+def _normalise(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return array / np.maximum(norms, 1e-12)
+
+
+class SentenceTransformerEmbedder:
+    """Text embedder over a ``sentence_transformers.SentenceTransformer``."""
+
+    def __init__(self, model: Any, name: str, batch_size: int = 32) -> None:
+        self.model = model
+        self.batch_size = batch_size
+        dim = model.get_embedding_dimension() if hasattr(model, "get_embedding_dimension") else (
+            model.get_sentence_embedding_dimension())
+        self.signature = EncoderSignature(name, int(dim))
+        self.max_tokens = int(model.max_seq_length or 256)
+        self.tokenizer = model.tokenizer
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.signature.dim), dtype=np.float32)
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return _normalise(vectors)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    def _offsets(self, text: str) -> list[tuple[int, int]]:
+        return self.tokenizer(text, add_special_tokens=False, truncation=False,
+                              return_offsets_mapping=True)["offset_mapping"]
+
+    def split_tokens(self, text: str, max_tokens: int, overlap: int) -> list[str]:
+        """Cut text into windows of at most ``max_tokens`` tokens, consecutive windows sharing ``overlap``."""
+        offsets = self._offsets(text)
+        if len(offsets) <= max_tokens:
+            return [text]
+        step = max(1, max_tokens - overlap)
+        pieces = []
+        for start in range(0, len(offsets), step):
+            window = offsets[start:start + max_tokens]
+            pieces.append(text[window[0][0]:window[-1][1]].strip())
+            if start + max_tokens >= len(offsets):
+                break
+        return [p for p in pieces if p]
+
+    def tail(self, text: str, tokens: int) -> str:
+        """The last ``tokens`` tokens of a text (the overlap carried into the next chunk)."""
+        offsets = self._offsets(text)
+        if len(offsets) <= tokens:
+            return text
+        return text[offsets[-tokens][0]:].strip()
+
+
+class ClipEncoder:
+    """open_clip model: images and texts into one space, so text finds images and images find text."""
+
+    def __init__(self, model: Any, preprocess: Any, tokenizer: Any, name: str, *, device: str = "cpu",
+                 dtype: "torch.dtype | None" = None, batch_size: int = 32) -> None:
+        import torch
+
+        self.device = device
+        self.dtype = dtype or torch.float32
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        dim = getattr(getattr(model, "visual", None), "output_dim", None)
+        if dim is None:
+            dim = int(model.text_projection.shape[1])
+        self.signature = EncoderSignature(name, int(dim))
+        size = getattr(getattr(model, "visual", None), "image_size", 224)
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def load_image(self, data: bytes) -> "Image.Image":
+        """Decode image bytes to RGB, at reduced size when the format allows it (JPEG draft mode)."""
+        from PIL import Image
+
+        try:
+            image = Image.open(io.BytesIO(data))
+            if image.format == "JPEG":
+                image.draft("RGB", (self.image_size, self.image_size))
+            if image.mode in ("RGBA", "LA", "P"):
+                image = image.convert("RGBA")
+                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, image)
+            return image.convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad input
+            raise BadInputError(f"unreadable image: {type(exc).__name__}: {exc}") from exc
+
+    def preprocess_bytes(self, data: bytes) -> "torch.Tensor":
+        return self.preprocess(self.load_image(data))
+
+    def encode_image_tensors(self, batch: "torch.Tensor") -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            features = self.model.encode_image(batch.to(device=self.device, dtype=self.dtype))
+        return _normalise(features.float().cpu().numpy())
+
+    def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
+        import torch
+
+        out = [np.zeros((0, self.signature.dim), dtype=np.float32)]
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([self.preprocess_bytes(b) for b in images[start:start + self.batch_size]])
+            out.append(self.encode_image_tensors(batch))
+        return np.concatenate(out)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        import torch
+
+        out = [np.zeros((0, self.signature.dim), dtype=np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
+            with torch.inference_mode():
+                features = self.model.encode_text(tokens)
+            out.append(_normalise(features.float().cpu().numpy()))
+        return np.concatenate(out)
+
+
+def load_text_embedder(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSection") -> SentenceTransformerEmbedder:
+    from mmrag.device import configure_threads, pick_device, pick_dtype
+
+    configure_threads(runtime.torch_threads)
+    device = pick_device(runtime.device)
+    try:
+        from mmrag.compat import ensure_torchvision
+
+        ensure_torchvision()
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(resolution.location, device=device,
+                                    local_files_only=resolution.source != "hub")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailableError(
+            f"cannot load the text embedder from {resolution.location}: {type(exc).__name__}: {exc}. "
+            f"{resolution.note}") from exc
+    dtype = pick_dtype(spec.precision, device)
+    model = model.to(dtype)
+    name = spec.name or Path(resolution.location).name
+    logger.info("text embedder %s loaded from %s (%s, %s)", name, resolution.location, device, dtype)
+    return SentenceTransformerEmbedder(model, name, batch_size=spec.batch_size)
+
+
+def load_clip(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSection") -> ClipEncoder:
+    from mmrag.compat import ensure_torchvision
+    from mmrag.device import configure_threads, pick_device, pick_dtype
+
+    configure_threads(runtime.torch_threads)
+    ensure_torchvision()
+    import open_clip
+
+    device = pick_device(runtime.device)
+    arch = spec.name or "ViT-B-32"
+    try:
+        if resolution.source == "path" and Path(resolution.location).is_dir():
+            model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{resolution.location}")
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{resolution.location}")
+        else:
+            pretrained = resolution.location if resolution.source == "path" else spec.pretrained
+            if resolution.source == "hub-cache":
+                pretrained = spec.pretrained
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(arch)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailableError(
+            f"cannot load CLIP {arch} ({spec.pretrained or resolution.location}): {type(exc).__name__}: {exc}. "
+            f"{resolution.note}") from exc
+    dtype = pick_dtype(spec.precision, device)
+    name = f"{arch}/{spec.pretrained or Path(resolution.location).name}"
+    logger.info("CLIP %s loaded (%s, %s)", name, device, dtype)
+    return ClipEncoder(model, preprocess, tokenizer, name, device=device, dtype=dtype, batch_size=spec.batch_size)

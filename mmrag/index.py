@@ -1,0 +1,337 @@
+"""The Milvus index: one knowledge base = a chunk collection and a document collection.
+
+The chunk collection holds the chunk fields, a text vector (sentence-transformers), a CLIP vector (when CLIP weights
+were available when the knowledge base was created), a BM25 sparse vector that Milvus computes from ``text`` with
+its BM25 function, and a tenant field (the partition key where the Milvus in use supports it). The document
+collection holds one row per ingested source (its version is written last, which is what makes an interrupted ingest
+recoverable) and one schema row recording which encoders filled the knowledge base.
+
+The store is chosen by configuration alone: an embedded milvus-lite file under the data dir, or any server URI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmrag.config import Settings
+from mmrag.encoders import EncoderSignature
+from mmrag.errors import EncoderMismatchError, NotFoundError, StoreError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SCHEMA_ROW = "__schema__"
+_SYSTEM_TENANT = "__system__"
+MAX_TEXT_BYTES = 65_535
+MAX_SOURCE_BYTES = 4_096
+
+# Fields a chunk row carries besides its vectors (what search and stats return).
+CHUNK_FIELDS = ["id", "doc_id", "tenant", "modality", "text", "source", "page", "position", "blob", "version", "meta"]
+DOC_FIELDS = ["doc_id", "tenant", "source", "version", "mime", "n_text", "n_image", "meta"]
+
+
+def quote(value: str) -> str:
+    """A Milvus filter string literal."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def clip_text(value: str, limit: int) -> str:
+    """Cut a string to at most ``limit`` UTF-8 bytes without splitting a character."""
+    data = value.encode("utf-8")
+    if len(data) <= limit:
+        return value
+    return data[:limit].decode("utf-8", errors="ignore")
+
+
+@dataclass(frozen=True)
+class DocRecord:
+    doc_id: str
+    tenant: str
+    source: str
+    version: str
+    mime: str = ""
+    n_text: int = 0
+    n_image: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "doc_id": self.doc_id, "tenant": self.tenant, "source": clip_text(self.source, MAX_SOURCE_BYTES),
+            "version": self.version, "mime": self.mime, "n_text": self.n_text, "n_image": self.n_image,
+            "meta": self.meta, "_v": [0.0, 0.0],
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> "DocRecord":
+        return cls(**{k: row[k] for k in DOC_FIELDS if k in row})
+
+
+def _milvus_error(exc: Exception, uri: str) -> StoreError:
+    text = str(exc)
+    if "Open local milvus failed" in text or "lock" in text.lower():
+        return StoreError(
+            f"the embedded Milvus at {uri} is held by another process (one process may open it at a time); "
+            "stop the other mmrag process, or run a Milvus server and pass --milvus-uri")
+    return StoreError(f"Milvus at {uri} failed: {type(exc).__name__}: {text}")
+
+
+class MilvusIndex:
+    """A knowledge base in Milvus. Reads need no encoders; writes and searches check the recorded signature."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.uri = settings.milvus_uri
+        self.chunks = f"{settings.milvus.collection}_chunks"
+        self.docs = f"{settings.milvus.collection}_docs"
+        self._client: Any = None
+        self._schema: dict[str, Any] | None = None
+
+    # -- connection -------------------------------------------------------------------------------------------
+    @property
+    def embedded(self) -> bool:
+        return self.settings.milvus.uri is None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from pymilvus import MilvusClient
+
+            if self.embedded:
+                Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            kwargs: dict[str, Any] = {}
+            if self.settings.milvus.token:
+                kwargs["token"] = self.settings.milvus.token
+            if self.settings.milvus.db_name:
+                kwargs["db_name"] = self.settings.milvus.db_name
+            try:
+                self._client = MilvusClient(self.uri, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - pymilvus raises many types
+                raise _milvus_error(exc, self.uri) from exc
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+
+    def __enter__(self) -> "MilvusIndex":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (EncoderMismatchError, NotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _milvus_error(exc, self.uri) from exc
+
+    # -- schema -----------------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return bool(self._call(self.client.has_collection, self.chunks)) and bool(
+            self._call(self.client.has_collection, self.docs))
+
+    def schema(self) -> dict[str, Any] | None:
+        """The recorded schema row: encoder signatures and features, or None before the first ingest."""
+        if self._schema is None and self.exists():
+            rows = self._call(self.client.get, self.docs, ids=[_SCHEMA_ROW], output_fields=["meta"])
+            self._schema = rows[0]["meta"] if rows else None
+        return self._schema
+
+    def ensure(self, text: EncoderSignature, clip: EncoderSignature | None) -> dict[str, Any]:
+        """Create the knowledge base for these encoders, or check that it was filled by the same ones."""
+        wanted = {"schema": SCHEMA_VERSION, "text": text.as_dict(), "clip": clip.as_dict() if clip else None}
+        current = self.schema()
+        if current is None:
+            self._create(text, clip)
+            features = {**wanted, "partition_key": self._partition_key_used}
+            self._call(self.client.upsert, self.docs, [DocRecord(
+                _SCHEMA_ROW, _SYSTEM_TENANT, "", "", meta=features).row()])
+            self._schema = features
+            return features
+        mismatch = [role for role in ("text", "clip") if current.get(role) != wanted[role]]
+        if mismatch:
+            def show(sig: dict[str, Any] | None) -> str:
+                return f"{sig['model']} ({sig['dim']}-d)" if sig else "none"
+
+            detail = "; ".join(f"{role}: collection has {show(current.get(role))}, profile gives {show(wanted[role])}"
+                               for role in mismatch)
+            raise EncoderMismatchError(
+                f"knowledge base {self.settings.milvus.collection!r} was filled by other encoders ({detail}). "
+                "Use the profile it was built with, or ingest into another knowledge base "
+                "(MMRAG_MILVUS__COLLECTION=name) or delete this one (mmrag delete --all).")
+        return current
+
+    _partition_key_used = False
+
+    def _create(self, text: EncoderSignature, clip: EncoderSignature | None) -> None:
+        from pymilvus import DataType, Function, FunctionType
+
+        def build(partition_key: bool):
+            schema = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            schema.add_field("doc_id", DataType.VARCHAR, max_length=64)
+            schema.add_field("tenant", DataType.VARCHAR, max_length=128, is_partition_key=partition_key)
+            schema.add_field("modality", DataType.VARCHAR, max_length=16)
+            schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES, enable_analyzer=True)
+            schema.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
+            schema.add_field("page", DataType.INT64)
+            schema.add_field("position", DataType.INT64)
+            schema.add_field("blob", DataType.VARCHAR, max_length=512)
+            schema.add_field("version", DataType.VARCHAR, max_length=64)
+            schema.add_field("meta", DataType.JSON)
+            schema.add_field("text_vector", DataType.FLOAT_VECTOR, dim=text.dim)
+            if clip is not None:
+                schema.add_field("clip_vector", DataType.FLOAT_VECTOR, dim=clip.dim)
+            schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25,
+                                         input_field_names=["text"], output_field_names=["sparse"]))
+            return schema
+
+        index = self.client.prepare_index_params()
+        dense = {"index_type": self.settings.milvus.index_type, "metric_type": "COSINE",
+                 "params": dict(self.settings.milvus.index_params)}
+        if dense["index_type"] in {"FLAT", "AUTOINDEX"}:
+            dense["params"] = {}
+        index.add_index("text_vector", **dense)
+        if clip is not None:
+            index.add_index("clip_vector", **dense)
+        index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+        for name in ("doc_id", "modality"):
+            index.add_index(name, index_type="INVERTED")
+        try:
+            self.client.create_collection(self.chunks, schema=build(True), index_params=index)
+            self._partition_key_used = True
+        except Exception as exc:  # noqa: BLE001 - older servers refuse partition keys or scalar indexes
+            logger.info("partition key unavailable (%s); tenant is a filtered field", exc)
+            self._call(self.client.create_collection, self.chunks, schema=build(False), index_params=index)
+        docs = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
+        docs.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=64)
+        docs.add_field("tenant", DataType.VARCHAR, max_length=128)
+        docs.add_field("source", DataType.VARCHAR, max_length=MAX_SOURCE_BYTES)
+        docs.add_field("version", DataType.VARCHAR, max_length=64)
+        docs.add_field("mime", DataType.VARCHAR, max_length=128)
+        docs.add_field("n_text", DataType.INT64)
+        docs.add_field("n_image", DataType.INT64)
+        docs.add_field("meta", DataType.JSON)
+        docs.add_field("_v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
+        docs_index = self.client.prepare_index_params()
+        docs_index.add_index("_v", index_type="FLAT", metric_type="L2")
+        self._call(self.client.create_collection, self.docs, schema=docs, index_params=docs_index)
+        logger.info("created knowledge base %s at %s", self.settings.milvus.collection, self.uri)
+
+    @property
+    def has_clip(self) -> bool:
+        schema = self.schema()
+        return bool(schema and schema.get("clip"))
+
+    # -- documents --------------------------------------------------------------------------------------------
+    def _iterate(self, collection: str, expr: str, fields: list[str], batch: int = 1000) -> Iterator[dict[str, Any]]:
+        iterator = self._call(self.client.query_iterator, collection, batch_size=batch, filter=expr,
+                              output_fields=fields)
+        try:
+            while True:
+                page = self._call(iterator.next)
+                if not page:
+                    break
+                yield from page
+        finally:
+            iterator.close()
+
+    def documents(self, tenant: str | None = None) -> list[DocRecord]:
+        if not self.exists():
+            return []
+        expr = f"tenant != {quote(_SYSTEM_TENANT)}"
+        if tenant is not None:
+            expr = f"tenant == {quote(tenant)}"
+        return sorted((DocRecord.from_row(r) for r in self._iterate(self.docs, expr, DOC_FIELDS)),
+                      key=lambda d: d.source)
+
+    def document(self, doc_id: str, tenant: str | None = None) -> DocRecord:
+        rows = self._call(self.client.get, self.docs, ids=[doc_id], output_fields=DOC_FIELDS) if self.exists() else []
+        if not rows or rows[0]["tenant"] == _SYSTEM_TENANT or (tenant is not None and rows[0]["tenant"] != tenant):
+            raise NotFoundError(f"no document {doc_id!r}" + (f" in tenant {tenant!r}" if tenant else ""))
+        return DocRecord.from_row(rows[0])
+
+    def put_document(self, records: Iterable[DocRecord]) -> None:
+        rows = [r.row() for r in records]
+        if rows:
+            self._call(self.client.upsert, self.docs, rows)
+
+    # -- chunks -----------------------------------------------------------------------------------------------
+    def upsert_chunks(self, rows: list[dict[str, Any]]) -> None:
+        step = self.settings.milvus.write_batch
+        for start in range(0, len(rows), step):
+            self._call(self.client.upsert, self.chunks, rows[start:start + step])
+
+    def delete_stale(self, doc_id: str, version: str) -> None:
+        """Remove a document's chunks from any other version (after its new chunks are in)."""
+        self._call(self.client.delete, self.chunks, filter=f"doc_id == {quote(doc_id)} and version != {quote(version)}")
+
+    def delete_document(self, doc_id: str) -> None:
+        """Remove a document's chunks, then its record (so an interrupted delete is retried, never half-done)."""
+        self._call(self.client.delete, self.chunks, filter=f"doc_id == {quote(doc_id)}")
+        self._call(self.client.delete, self.docs, ids=[doc_id])
+
+    def delete_all(self) -> None:
+        for name in (self.chunks, self.docs):
+            if self._call(self.client.has_collection, name):
+                self._call(self.client.drop_collection, name)
+        self._schema = None
+
+    def chunk_rows(self, expr: str, fields: list[str] | None = None) -> list[dict[str, Any]]:
+        if not self.exists():
+            return []
+        return list(self._iterate(self.chunks, expr, fields or CHUNK_FIELDS))
+
+    def blob_keys(self) -> set[str]:
+        return {r["blob"] for r in self.chunk_rows('blob != ""', ["blob"]) if r["blob"]}
+
+    def count(self, expr: str = "") -> int:
+        if not self.exists():
+            return 0
+        rows = self._call(self.client.query, self.chunks, filter=expr, output_fields=["count(*)"])
+        return int(rows[0]["count(*)"]) if rows else 0
+
+    def flush(self) -> None:
+        for name in (self.chunks, self.docs):
+            try:
+                self.client.flush(name)
+            except Exception as exc:  # noqa: BLE001 - flush is advisory on embedded stores
+                logger.debug("flush %s: %s", name, exc)
+
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        base = f"tenant == {quote(tenant)}" if tenant is not None else ""
+        def expr(extra: str) -> str:
+            return f"{base} and {extra}" if base else extra
+        schema = self.schema() or {}
+        docs = self.documents(tenant)
+        return {
+            "knowledge_base": self.settings.milvus.collection,
+            "milvus_uri": self.uri,
+            "tenant": tenant,
+            "documents": len(docs),
+            "chunks": {m: self.count(expr(f"modality == {quote(m)}")) for m in ("text", "table", "image")},
+            "encoders": {"text": schema.get("text"), "clip": schema.get("clip")},
+            "partition_key": schema.get("partition_key", False),
+        }
+
+
+def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
+    """Poll until ``predicate()`` is true (server-side writes become visible asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

