@@ -49,11 +49,21 @@ def main_options(
     _State.verbose = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        for noisy in ("httpx", "urllib3", "pymilvus", "sentence_transformers", "unstructured", "root", "PIL"):
+        # milvus-lite's in-process gRPC server logs pymilvus' optional calls it does not implement as errors.
+        for noisy in ("httpx", "urllib3", "pymilvus", "sentence_transformers", "unstructured", "PIL", "grpc"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         logging.getLogger().setLevel(logging.ERROR)
         logging.getLogger("mmrag").setLevel(logging.WARNING)
         logging.getLogger("ingest").setLevel(logging.ERROR)
+        import pymilvus  # noqa: F401 - it configures its own loggers on import; quiet them after that
+
+        for name in ("pymilvus", "pymilvus.milvus_client"):  # its errors reach the user as StoreError
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _runtime():

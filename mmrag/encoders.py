@@ -221,6 +221,9 @@ def load_clip(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSect
             f"cannot load CLIP {arch} ({spec.pretrained or resolution.location}): {type(exc).__name__}: {exc}. "
             f"{resolution.note}") from exc
     dtype = pick_dtype(spec.precision, device)
-    name = f"{arch}/{spec.pretrained or Path(resolution.location).name}"
+    if resolution.source == "path":  # the weights identify the encoder: name it by its folder or file
+        name = f"{spec.name or 'open_clip'}@{Path(resolution.location).name}"
+    else:
+        name = f"{arch}/{spec.pretrained}"
     logger.info("CLIP %s loaded (%s, %s)", name, device, dtype)
     return ClipEncoder(model, preprocess, tokenizer, name, device=device, dtype=dtype, batch_size=spec.batch_size)

@@ -138,8 +138,23 @@ class MilvusIndex:
 
     # -- schema -----------------------------------------------------------------------------------------------
     def exists(self) -> bool:
-        return bool(self._call(self.client.has_collection, self.chunks)) and bool(
+        if self._loaded:
+            return True
+        found = bool(self._call(self.client.has_collection, self.chunks)) and bool(
             self._call(self.client.has_collection, self.docs))
+        if found:
+            self._load()
+        return found
+
+    _loaded = False
+
+    def _load(self) -> None:
+        """Collections reopened from disk (or on a restarted server) must be loaded before reads."""
+        for name in (self.chunks, self.docs):
+            state = str(self._call(self.client.get_load_state, name).get("state", ""))
+            if "Loaded" not in state:
+                self._call(self.client.load_collection, name)
+        self._loaded = True
 
     def schema(self) -> dict[str, Any] | None:
         """The recorded schema row: encoder signatures and features, or None before the first ingest."""
@@ -228,6 +243,7 @@ class MilvusIndex:
         docs_index = self.client.prepare_index_params()
         docs_index.add_index("_v", index_type="FLAT", metric_type="L2")
         self._call(self.client.create_collection, self.docs, schema=docs, index_params=docs_index)
+        self._loaded = True  # create_collection with index params loads the new collections
         logger.info("created knowledge base %s at %s", self.settings.milvus.collection, self.uri)
 
     @property
@@ -288,6 +304,7 @@ class MilvusIndex:
             if self._call(self.client.has_collection, name):
                 self._call(self.client.drop_collection, name)
         self._schema = None
+        self._loaded = False
 
     def chunk_rows(self, expr: str, fields: list[str] | None = None) -> list[dict[str, Any]]:
         if not self.exists():

@@ -84,6 +84,8 @@ def make_runtime(tmp_path, text_embedder, tiny_clip):
     made = []
 
     def make(*, clip=True, data_dir: Path | None = None, **overrides):
+        overrides.setdefault("ingest", {})
+        overrides["ingest"].setdefault("exclude", [".*", "img/*"])
         settings = load_settings(data_dir=data_dir or tmp_path / "data", **overrides)
         # Without clip, the default profile's CLIP resolves to no local weights: the real no-CLIP path.
         models = ModelSet(settings, text_embedder=text_embedder, clip=tiny_clip if clip else None)
@@ -94,3 +96,21 @@ def make_runtime(tmp_path, text_embedder, tiny_clip):
     yield make
     for runtime in made:
         runtime.close()
+
+
+def save_clip_folder(encoder, folder: Path) -> Path:
+    """Save a (random) open_clip model as a local folder the product loads through ``models.clip.path``."""
+    from safetensors.torch import save_file
+
+    from mmrag.compat import ensure_torchvision
+
+    ensure_torchvision()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP_CONFIG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    state = {k: v.float().contiguous() for k, v in encoder.model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder

@@ -1,0 +1,1 @@
+"""Evaluation: eval sets -> runs (RAG and a no-retrieval baseline) -> metrics -> reports."""

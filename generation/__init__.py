@@ -1,0 +1,1 @@
+"""Generation: grounding + prompt -> cited text; references + prompt -> reference-guided images."""
