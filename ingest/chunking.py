@@ -6,7 +6,7 @@
   ``overlap`` tokens of the previous one, so a fact cut at a boundary is still found whole.
 - A paragraph longer than the budget is cut into token windows with the same overlap.
 - Tables stay whole when they fit; a larger table is cut between rows, each part repeating nothing but its rows.
-- Images become one chunk each, in reading order, with their context.
+- Images become one chunk each, with their context, placed right after the text chunk they appear in.
 """
 
 from __future__ import annotations
@@ -50,9 +50,13 @@ def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens
     page: int | None = None
     extra: dict[str, Any] = {}
 
+    held: list[Draft] = []  # images wait for the text chunk they sit in, so chunks keep reading order
+
     def emit(keep_tail: bool) -> None:
         nonlocal parts, used, page, extra
         if not parts:
+            drafts.extend(held)
+            held.clear()
             return
         body = "\n\n".join(parts)
         text = f"{title}\n\n{body}" if title and not body.startswith(title) else body
@@ -63,10 +67,12 @@ def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens
         else:
             parts, used = [], 0
         extra = {}
+        drafts.extend(held)
+        held.clear()
 
     for element in elements:
         if element.kind == "image":
-            drafts.append(Draft("image", page=element.page, image=element.image, context=element.context.strip(),
+            (held if parts else drafts).append(Draft("image", page=element.page, image=element.image, context=element.context.strip(),
                                 bbox=element.bbox, meta=dict(element.metadata)))
             continue
         text = element.text.strip()

@@ -208,7 +208,7 @@ class ModelSet:
             res = self.resolution("clip")
             if not res.available:
                 if res.optional or spec is None:
-                    logger.warning("CLIP unavailable (%s): images are searchable through their context text only",
+                    logger.info("CLIP unavailable (%s): images are searchable through their context text only",
                                    res.note)
                     return None
                 res.require()
