@@ -20,6 +20,10 @@ def shared_data() -> Path:
 
 
 def offline_env() -> None:
+    import logging
+
+    logging.disable(logging.WARNING)  # random-weight and milvus-lite notices would bury the JSON
+    logging.getLogger("grpc").setLevel(logging.CRITICAL)  # milvus-lite's server logs calls it lacks as errors
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
                        "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)

@@ -14,6 +14,7 @@ Targets on the 2-core bf16 machine: pipeline >= 80% of bare, >= 45 images/s end 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -21,8 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+# This file is named like the `ingest` package; keep its folder off the import path so `ingest` is the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
 
 
 def main() -> None:
@@ -58,9 +63,17 @@ def main() -> None:
     clip = _common.random_clip(precision=args.precision, batch_size=batch)
     embedder = ModelSet(base).text_embedder
 
+    create_s: list[float] = []
+
     def runtime(name: str) -> Runtime:
+        """A fresh knowledge base, created before the clock starts: creating collections and indexes is a
+        one-off cost per knowledge base (reported as kb_create_s), not a per-file one."""
         settings = load_settings(data_dir=work / name, ingest={"image_batch": batch})
-        return Runtime(settings, ModelSet(settings, clip=clip, text_embedder=embedder))
+        rt = Runtime(settings, ModelSet(settings, clip=clip, text_embedder=embedder))
+        start = time.perf_counter()
+        rt.index.ensure(embedder.signature, clip.signature)
+        create_s.append(time.perf_counter() - start)
+        return rt
 
     # Warm up every path once (first Milvus writes, first forward passes).
     with runtime("warm") as rt:
@@ -104,6 +117,7 @@ def main() -> None:
         **summary,
         "image_pipeline_vs_bare": round(summary["pipeline_images_per_s"] / summary["bare_images_per_s"], 3),
         "text_pipeline_vs_bare": round(summary["pipeline_text_chunks_per_s"] / summary["bare_text_chunks_per_s"], 3),
+        "kb_create_s": _common.median(create_s),
         "targets": {"image_pipeline_vs_bare": 0.8, "pipeline_images_per_s": 45},
         "raw": {k: [round(x, 2) for x in v] for k, v in results.items()},
         "machine": _common.machine(),

@@ -36,6 +36,7 @@ class Draft:
     context: str = ""
     bbox: tuple[float, float, float, float] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    decoded: Any = field(default=None, compare=False, repr=False)  # see Element.decoded
 
 
 def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens: int, overlap: int) -> list[Draft]:
@@ -73,7 +74,7 @@ def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens
     for element in elements:
         if element.kind == "image":
             (held if parts else drafts).append(Draft("image", page=element.page, image=element.image, context=element.context.strip(),
-                                bbox=element.bbox, meta=dict(element.metadata)))
+                                bbox=element.bbox, meta=dict(element.metadata), decoded=element.decoded))
             continue
         text = element.text.strip()
         n = next(counts)

@@ -21,6 +21,9 @@ class Element:
     image: bytes | None = None  # encoded image bytes (PNG, JPEG, ...) for kind == "image"
     context: str = ""  # for images: caption, alt text or the nearest paragraph
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The decoded image (Pillow) when the parser already decoded it, so preprocessing skips a second decode.
+    # Set for stand-alone image files only: documents with many embedded images would hold them all in memory.
+    decoded: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

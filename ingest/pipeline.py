@@ -10,8 +10,8 @@ killed anywhere before that leaves the old record, so the same command redoes th
 uninterrupted run gives. Blobs no chunk references any more are swept at the end of a run that wrote or deleted
 any (a marker in the blob store makes the next run sweep when a run is killed before its sweep).
 
-Reading, parsing, chunking and image preprocessing run in a worker thread, ahead of the embedding, so decoding
-overlaps inference; embeddings are batched across sources.
+Reading, parsing, chunking and image preprocessing run on every core for a slice of sources, then the slice's
+chunks are embedded (batched across sources) and written; the two phases take turns (see ``_prepare_all``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import io
 import logging
 import mimetypes
-import queue
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -143,7 +142,6 @@ class Ingestor:
             if self._marked:
                 self.blobs.sweep(self.index.blob_keys())
                 self.blobs.clear_pending_gc()
-            self.index.flush()
         finally:
             bar.close()
         return IngestReport(**counts, failed=tuple(failed), chunks=chunk_counts)
@@ -156,7 +154,6 @@ class Ingestor:
             self.index.delete_document(record.doc_id)
         self.blobs.sweep(self.index.blob_keys())
         self.blobs.clear_pending_gc()
-        self.index.flush()
         return len(records)
 
     def _mark_blob_writes(self) -> None:
@@ -169,32 +166,22 @@ class Ingestor:
     # -- preparing (worker thread) ----------------------------------------------------------------------------
     def _prepare_all(self, files: list[Path], known: dict[str, DocRecord], tenant: str,
                      with_clip: bool) -> Iterator[_Outcome]:
-        """Prepare sources in one worker thread, a few ahead of the consumer, in order."""
-        lookahead: queue.Queue[_Outcome | None] = queue.Queue(maxsize=8)
-        stop = threading.Event()
+        """Prepare sources a slice at a time on every core, in order.
 
-        def work() -> None:
-            try:
-                for path in files:
-                    if stop.is_set():
-                        return
-                    lookahead.put(self._prepare(path, known, tenant, with_clip))
-            finally:
-                lookahead.put(None)
+        Preparing (decode, resize, parse) and embedding take turns instead of overlapping: on a machine whose
+        cores all serve the model's forward pass, a preparing thread running beside it slows the forward pass
+        more than it saves (measured: 0.58 of the bare model's throughput overlapped, see benchmarks/ingest.py).
+        Pillow and the tokenizers release the GIL, so the slice's files are prepared in parallel."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        worker = threading.Thread(target=work, name="mmrag-ingest-prepare", daemon=True)
-        worker.start()
-        try:
-            while (item := lookahead.get()) is not None:
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():  # drain so the worker can finish its put and exit
-                try:
-                    lookahead.get(timeout=0.1)
-                except queue.Empty:
-                    pass
-            worker.join()
+        from mmrag.device import configure_threads
+
+        workers = configure_threads(self.settings.runtime.torch_threads)
+        step = max(self.settings.ingest.image_batch, 8)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-prepare") as pool:
+            for start in range(0, len(files), step):
+                yield from list(pool.map(lambda path: self._prepare(path, known, tenant, with_clip),
+                                         files[start:start + step]))
 
     def _prepare(self, path: Path, known: dict[str, DocRecord], tenant: str, with_clip: bool) -> _Outcome:
         try:
@@ -241,11 +228,12 @@ class Ingestor:
                 meta["bbox"] = [round(float(v), 2) for v in draft.bbox]
             if draft.modality == "image":
                 assert draft.image is not None
-                fmt = (Image.open(io.BytesIO(draft.image)).format or "png").lower()
+                fmt = str(meta.get("format") or Image.open(io.BytesIO(draft.image)).format or "png").lower()
                 self._mark_blob_writes()
                 key = self.blobs.put(draft.image, "jpg" if fmt == "jpeg" else fmt)
                 if clip is not None:
-                    pixels.append(clip.preprocess_bytes(draft.image))
+                    pixels.append(clip.preprocess_image(draft.decoded) if draft.decoded is not None
+                                  else clip.preprocess_bytes(draft.image))
                 chunk_id = Chunk.make_id(document.doc_id, "image", position, key)
                 chunks.append(Chunk(chunk_id, document.doc_id, "image", blob=key, page=draft.page,
                                     bbox=draft.bbox, order=position, context=clip_text(draft.context, 8192),
@@ -325,9 +313,8 @@ class Ingestor:
                 row["clip_vector"] = clip_vectors[i].tolist()
             rows.append(row)
         self.index.upsert_chunks(rows)
-        for prepared in pending:
-            # Also for "added" sources: a run killed after step 2 on an earlier version left no record.
-            self.index.delete_stale(prepared.document.doc_id, prepared.document.version)
+        # Also for "added" sources: a run killed after step 2 on an earlier version left chunks but no record.
+        self.index.delete_stale({p.document.doc_id: p.document.version for p in pending})
         self.index.put_document(DocRecord(
             p.document.doc_id, p.document.tenant, p.document.source, p.document.version, p.document.mime,
             n_text=sum(c.modality != "image" for c in p.chunks), n_image=sum(c.modality == "image" for c in p.chunks),

@@ -124,6 +124,28 @@ class ClipEncoder:
         self.signature = EncoderSignature(name, int(dim))
         size = getattr(getattr(model, "visual", None), "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._pil_head, self._mean, self._std = self._split_preprocess(preprocess)
+
+    @staticmethod
+    def _split_preprocess(preprocess: Any) -> tuple[Any, "torch.Tensor | None", "torch.Tensor | None"]:
+        """Split the model's transform into its Pillow part and its final to-tensor + normalize.
+
+        Preprocessing then ends at a uint8 tensor and the normalization runs once per batch in the encoding
+        thread: preparing threads run no torch ops (each thread calling torch ops would start its own team of
+        intra-op threads, which then compete with the model's forward pass), and queued images take 4x less
+        memory. Transforms of another shape keep the model's own transform whole."""
+        import torch
+
+        steps = list(getattr(preprocess, "transforms", []))
+        if len(steps) < 2 or type(steps[-1]).__name__ != "Normalize" or type(steps[-2]).__name__ not in (
+                "ToTensor", "MaybeToTensor"):
+            return None, None, None
+        from torchvision.transforms import Compose
+
+        normalize = steps[-1]
+        mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        std = torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        return Compose(steps[:-2]), mean, std
 
     def load_image(self, data: bytes) -> "Image.Image":
         """Decode image bytes to RGB, at reduced size when the format allows it (JPEG draft mode)."""
@@ -133,20 +155,45 @@ class ClipEncoder:
             image = Image.open(io.BytesIO(data))
             if image.format == "JPEG":
                 image.draft("RGB", (self.image_size, self.image_size))
-            if image.mode in ("RGBA", "LA", "P"):
-                image = image.convert("RGBA")
-                background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(background, image)
-            return image.convert("RGB")
+            return self.to_rgb(image)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad input
             raise BadInputError(f"unreadable image: {type(exc).__name__}: {exc}") from exc
 
+    @staticmethod
+    def to_rgb(image: "Image.Image") -> "Image.Image":
+        """RGB with transparency flattened onto white (a transparent background is not black)."""
+        from PIL import Image
+
+        if image.mode in ("RGBA", "LA", "P", "PA"):
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, image)
+        return image.convert("RGB")
+
+    def _preprocess_rgb(self, image: "Image.Image") -> "torch.Tensor":
+        if self._pil_head is None:
+            return self.preprocess(image)
+        import torch
+
+        array = np.array(self._pil_head(image), dtype=np.uint8)  # H x W x C, Pillow only
+        return torch.from_numpy(array).permute(2, 0, 1)
+
     def preprocess_bytes(self, data: bytes) -> "torch.Tensor":
-        return self.preprocess(self.load_image(data))
+        """An image ready for ``encode_image_tensors`` (uint8 before normalization where the transform allows)."""
+        return self._preprocess_rgb(self.load_image(data))
+
+    def preprocess_image(self, image: "Image.Image") -> "torch.Tensor":
+        """Preprocess an already decoded image (skips a second decode)."""
+        try:
+            return self._preprocess_rgb(self.to_rgb(image))
+        except Exception as exc:  # noqa: BLE001
+            raise BadInputError(f"unreadable image: {type(exc).__name__}: {exc}") from exc
 
     def encode_image_tensors(self, batch: "torch.Tensor") -> np.ndarray:
         import torch
 
+        if batch.dtype == torch.uint8:  # finish the model's transform: to [0, 1], then normalize
+            batch = (batch.float() - self._mean) / self._std
         with torch.inference_mode():
             features = self.model.encode_image(batch.to(device=self.device, dtype=self.dtype))
         return _normalise(features.float().cpu().numpy())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,9 +289,13 @@ class MilvusIndex:
         for start in range(0, len(rows), step):
             self._call(self.client.upsert, self.chunks, rows[start:start + step])
 
-    def delete_stale(self, doc_id: str, version: str) -> None:
-        """Remove a document's chunks from any other version (after its new chunks are in)."""
-        self._call(self.client.delete, self.chunks, filter=f"doc_id == {quote(doc_id)} and version != {quote(version)}")
+    def delete_stale(self, versions: dict[str, str]) -> None:
+        """Remove chunks of other versions of these documents (``doc_id -> current version``), in one call,
+        after their new chunks are in."""
+        if not versions:
+            return
+        expr = " or ".join(f"(doc_id == {quote(d)} and version != {quote(v)})" for d, v in versions.items())
+        self._call(self.client.delete, self.chunks, filter=expr)
 
     def delete_document(self, doc_id: str) -> None:
         """Remove a document's chunks, then its record (so an interrupted delete is retried, never half-done)."""
@@ -320,13 +323,6 @@ class MilvusIndex:
         rows = self._call(self.client.query, self.chunks, filter=expr, output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def flush(self) -> None:
-        for name in (self.chunks, self.docs):
-            try:
-                self.client.flush(name)
-            except Exception as exc:  # noqa: BLE001 - flush is advisory on embedded stores
-                logger.debug("flush %s: %s", name, exc)
-
     def stats(self, tenant: str | None = None) -> dict[str, Any]:
         base = f"tenant == {quote(tenant)}" if tenant is not None else ""
         def expr(extra: str) -> str:
@@ -342,13 +338,3 @@ class MilvusIndex:
             "encoders": {"text": schema.get("text"), "clip": schema.get("clip")},
             "partition_key": schema.get("partition_key", False),
         }
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05) -> bool:
-    """Poll until ``predicate()`` is true (server-side writes become visible asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()

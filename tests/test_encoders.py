@@ -46,6 +46,19 @@ def test_reduced_precision_clip_vectors_match_fp32():
     assert cos.min() >= 0.999, cos
 
 
+def test_reduced_precision_text_vectors_match_fp32(shared):
+    import json
+
+    from mmrag.config import load_settings
+    from mmrag.models import ModelSet
+
+    passages = [json.loads(line)["knowledge"] for line in (shared / "halueval" / "qa_dev.jsonl").open()][:64]
+    fast = ModelSet(load_settings(models={"text_embedder": {"precision": "bf16"}})).text_embedder
+    exact = ModelSet(load_settings(models={"text_embedder": {"precision": "fp32"}})).text_embedder
+    cos = np.sum(fast.encode(passages) * exact.encode(passages), axis=1)
+    assert cos.min() >= 0.999, cos.min()
+
+
 def test_clip_vectors_are_normalised_and_batched(tiny_clip):
     images = _images(5)
     one_by_one = np.concatenate([tiny_clip.encode_images([b]) for b in images])
@@ -53,6 +66,25 @@ def test_clip_vectors_are_normalised_and_batched(tiny_clip):
     assert batched.shape == (5, 32) and batched.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+
+
+def test_split_preprocessing_equals_the_models_own_transform(tiny_clip):
+    """The uint8 fast path (Pillow steps in the preparing thread, normalization per batch) must give what the
+    model's own transform gives, for every kind of image."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray((rng.random((90, 120, 3)) * 255).astype(np.uint8)),
+              Image.fromarray((rng.random((300, 200, 4)) * 255).astype(np.uint8), "RGBA"),
+              Image.fromarray((rng.random((64, 64)) * 255).astype(np.uint8), "L"),
+              Image.fromarray((rng.random((50, 80, 3)) * 255).astype(np.uint8)).convert("P")]
+    fast = torch.stack([tiny_clip.preprocess_image(image) for image in images])
+    assert fast.dtype == torch.uint8
+    reference = torch.stack([tiny_clip.preprocess(tiny_clip.to_rgb(image)) for image in images])
+    normalised = (fast.float() - tiny_clip._mean) / tiny_clip._std
+    assert torch.allclose(normalised, reference, atol=1e-5)
+    np.testing.assert_allclose(tiny_clip.encode_image_tensors(fast), tiny_clip.encode_image_tensors(reference),
+                               atol=1e-5)
 
 
 def test_unreadable_image_is_a_bad_input(tiny_clip):

@@ -98,6 +98,7 @@ class PreparedImage:
     source_format: str  # format the image came in
     width: int
     height: int
+    image: Any = None  # the decoded first frame (Pillow), so a consumer need not decode the bytes again
 
 
 def prepare_image(data: bytes, options: ParseOptions, *, what: str = "image") -> PreparedImage:
@@ -108,7 +109,7 @@ def prepare_image(data: bytes, options: ParseOptions, *, what: str = "image") ->
     """
     checked = check_image(data, options.max_image_pixels, what=what)
     if checked.format in PASSTHROUGH_FORMATS and (checked.frames <= 1 or checked.format == "MPO"):
-        return PreparedImage(data, checked.format, checked.format, checked.width, checked.height)
+        return PreparedImage(data, checked.format, checked.format, checked.width, checked.height, checked.image)
     image = checked.image
     if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
         has_alpha = "A" in image.getbands() or "transparency" in image.info
@@ -122,7 +123,7 @@ def prepare_image(data: bytes, options: ParseOptions, *, what: str = "image") ->
             image.convert("RGBA").save(buffer, format="PNG")
         except Exception as exc2:  # noqa: BLE001
             raise BadInputError(f"{what}: cannot re-encode {checked.format} as PNG ({type(exc2).__name__})") from exc
-    return PreparedImage(buffer.getvalue(), "PNG", checked.format, checked.width, checked.height)
+    return PreparedImage(buffer.getvalue(), "PNG", checked.format, checked.width, checked.height, image)
 
 
 def image_element(

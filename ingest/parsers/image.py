@@ -36,7 +36,7 @@ def parse_image(path: Path, data: bytes, options: ParseOptions) -> list[Element]
         metadata["source_format"] = prepared.source_format
     if context:
         metadata["context_source"] = "sidecar" if sidecar else "filename"
-    return [Element(kind="image", image=prepared.data, context=context, metadata=metadata)]
+    return [Element(kind="image", image=prepared.data, context=context, metadata=metadata, decoded=prepared.image)]
 
 
 def read_sidecar(path: Path) -> str:
