@@ -1,7 +1,7 @@
 """Chunking: elements -> chunks, title-aware and bounded by the text embedder's tokens, with overlap.
 
 - A title starts a new chunk and is carried as the chunk's ``title`` (and prefixes its text, so the heading is
-  searchable with the passage it heads).
+  searchable with the passage it heads). A title with no text under it is kept as text.
 - Paragraphs accumulate until the next one would pass ``max_tokens``; the next chunk then starts with the last
   ``overlap`` tokens of the previous one, so a fact cut at a boundary is still found whole.
 - A paragraph longer than the budget is cut into token windows with the same overlap.
@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 from ingest.elements import Element
@@ -42,6 +42,7 @@ class Draft:
 def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens: int, overlap: int) -> list[Draft]:
     if overlap >= max_tokens:
         raise ValueError(f"overlap ({overlap}) must be smaller than max_tokens ({max_tokens})")
+    elements = _orphan_titles_as_text(elements)
     texts = [e.text for e in elements if e.kind != "image"]
     counts = iter(tokenizer.count_tokens(texts))
     drafts: list[Draft] = []
@@ -54,7 +55,7 @@ def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens
     held: list[Draft] = []  # images wait for the text chunk they sit in, so chunks keep reading order
 
     def emit(keep_tail: bool) -> None:
-        nonlocal parts, used, page, extra
+        nonlocal parts, used, extra
         if not parts:
             drafts.extend(held)
             held.clear()
@@ -110,6 +111,17 @@ def chunk_elements(elements: Sequence[Element], tokenizer: Tokenizer, max_tokens
         used += n
     emit(keep_tail=False)
     return drafts
+
+
+def _orphan_titles_as_text(elements: Sequence[Element]) -> list[Element]:
+    """A title with no text after it (another title follows, or the end) is content, not a heading: a PDF of
+    headings only, or lines a layout heuristic took for titles, must not vanish."""
+    out = list(elements)
+    textual = [i for i, e in enumerate(out) if e.kind != "image" and e.text.strip()]
+    for here, after in zip(textual, textual[1:] + [None]):
+        if out[here].kind == "title" and (after is None or out[after].kind == "title"):
+            out[here] = replace(out[here], kind="text")
+    return out
 
 
 def _split_table(text: str, tokens: int, tokenizer: Tokenizer, max_tokens: int) -> list[str]:

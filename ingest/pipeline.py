@@ -34,7 +34,7 @@ from ingest.parsers import parse_file, sniff_kind
 from ingest.sources import discover
 from mmrag.blobs import BlobStore
 from mmrag.config import Settings
-from mmrag.errors import BadInputError, MmragError
+from mmrag.errors import BadInputError, MmragError, StoreError
 from mmrag.index import MAX_TEXT_BYTES, DocRecord, MilvusIndex, clip_text
 from mmrag.models import ModelSet
 from mmrag.records import Chunk, Document, Failure, IngestReport
@@ -257,13 +257,16 @@ class Ingestor:
             return
         try:
             self._write(pending)
+        except StoreError:
+            raise  # Milvus or the blob store is down: every source would fail the same way
         except Exception:  # noqa: BLE001 - isolate the source that broke the batch
-            if len(pending) == 1:
-                raise
+            logger.debug("batch write failed; retrying its sources one by one", exc_info=True)
             for prepared in pending:
                 try:
                     self._write([prepared])
-                except MmragError as exc:
+                except StoreError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one broken source never aborts the batch
                     failed.append(Failure(prepared.document.source, _one_line(exc)))
                     bar.update(1)
                     continue

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mmrag.config import load_settings
-from mmrag.errors import MmragError, NotFoundError, exit_code
+from mmrag.errors import MmragError, exit_code
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Grounded multimodal generation over a Milvus knowledge base.")
@@ -58,7 +58,7 @@ def main_options(
         logging.getLogger("grpc").setLevel(logging.CRITICAL)
         import pymilvus  # noqa: F401 - it configures its own loggers on import; quiet them after that
 
-        for name in ("pymilvus", "pymilvus.milvus_client"):  # its errors reach the user as StoreError
+        for name in ("pymilvus", "pymilvus.milvus_client", "milvus_lite"):  # errors reach the user as StoreError
             logging.getLogger(name).setLevel(logging.CRITICAL)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from transformers.utils import logging as hf_logging

@@ -72,12 +72,14 @@ class DocRecord:
 
 
 def _milvus_error(exc: Exception, uri: str) -> StoreError:
-    text = str(exc)
+    text = str(getattr(exc, "message", "") or exc)
     if "Open local milvus failed" in text or "lock" in text.lower():
         return StoreError(
             f"the embedded Milvus at {uri} is held by another process (one process may open it at a time); "
             "stop the other mmrag process, or run a Milvus server and pass --milvus-uri")
-    return StoreError(f"Milvus at {uri} failed: {type(exc).__name__}: {text}")
+    if "Fail connecting" in text or "server unavailable" in text:
+        return StoreError(f"cannot reach Milvus at {uri}: is the server running? (docker compose up -d milvus)")
+    return StoreError(f"Milvus at {uri} failed: {text}")
 
 
 class MilvusIndex:

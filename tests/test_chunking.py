@@ -37,6 +37,16 @@ def test_titles_start_chunks_and_stay_with_their_text(text_embedder):
     assert drafts[1].meta["title"] == "Leaders"
 
 
+def test_titles_without_text_are_kept_as_text(text_embedder):
+    elements = [Element("title", "Deutsch"), Element("title", "Français"), Element("title", "English")]
+    drafts = chunk_elements(elements, text_embedder, max_tokens=128, overlap=16)
+    assert [d.text for d in drafts] == ["Deutsch\n\nFrançais\n\nEnglish"]
+    elements = [Element("title", "A"), Element("text", "body a"), Element("title", "Empty"), Element("title", "B"),
+                Element("text", "body b"), Element("title", "Last")]
+    texts = [d.text for d in chunk_elements(elements, text_embedder, max_tokens=128, overlap=16)]
+    assert texts == ["A\n\nbody a\n\nEmpty", "B\n\nbody b\n\nLast"]
+
+
 def test_paragraph_longer_than_budget_is_windowed(text_embedder):
     long = " ".join(_sentence(i) for i in range(60))
     drafts = chunk_elements([Element("text", long)], text_embedder, max_tokens=64, overlap=8)

@@ -119,3 +119,7 @@ def test_cli_errors_are_one_line_with_exit_codes():
     assert run.returncode == 3
     assert run.stderr.strip().startswith("error: unknown profile 'nope'")
     assert "Traceback" not in run.stderr
+    run = _cli("--milvus-uri", "http://127.0.0.1:9", "stats")
+    assert run.returncode == 7
+    assert run.stderr.strip() == ("error: cannot reach Milvus at http://127.0.0.1:9: is the server running? "
+                                  "(docker compose up -d milvus)")

@@ -244,6 +244,17 @@ def test_cli_ingest_json_report_and_exit_code(tmp_path, clip_profile):
     assert run.returncode == 8 and run.stderr.startswith("error: no document 'no-such-doc'")
 
 
+def test_a_second_process_on_the_embedded_store_gets_a_clear_error(make_runtime, tmp_path):
+    holder = make_runtime()
+    holder.index.exists()  # this process now holds the embedded Milvus
+    env = {**os.environ, "MMRAG_DATA_DIR": str(tmp_path / "data")}
+    run = _cli(["stats"], env)
+    assert run.returncode == 7
+    assert run.stderr.strip().splitlines() == [
+        f"error: the embedded Milvus at {tmp_path / 'data' / 'milvus.db'} is held by another process (one process "
+        "may open it at a time); stop the other mmrag process, or run a Milvus server and pass --milvus-uri"]
+
+
 def _corpus(root: Path, shared: Path, n_images: int) -> Path:
     root.mkdir()
     for image in sorted((shared / "tuxpaint" / "images").iterdir())[:n_images]:
@@ -277,8 +288,6 @@ def test_kill_and_rerun_ends_as_an_uninterrupted_run(tmp_path, shared, clip_prof
     assert kills >= 1
     rerun = _cli(["--profile", str(clip_profile), "ingest", str(corpus), "--json"], killed_env)
     assert rerun.returncode == 0, rerun.stderr
-    from mmrag.config import load_settings  # noqa: F401 - runtimes below read the two data dirs
-
     clean = make_runtime(data_dir=tmp_path / "clean", profile=str(clip_profile))
     killed = make_runtime(data_dir=tmp_path / "killed", profile=str(clip_profile))
     clean_rows, killed_rows = _snapshot(clean), _snapshot(killed)

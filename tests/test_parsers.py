@@ -12,7 +12,6 @@ import difflib
 import http.server
 import io
 import logging
-import os
 import re
 import struct
 import threading
@@ -29,17 +28,13 @@ from ingest.elements import Element, ParseOptions
 from ingest.parsers import SUPPORTED_EXTENSIONS, parse_file, sniff_kind
 from mmrag.errors import BadInputError
 
+from conftest import shared_data
+
 OPTIONS = ParseOptions()
 
 
-def shared_data() -> Path:
-    """../shared/data beside the repository, or MMRAG_SHARED_DATA."""
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return Path(os.environ.get("MMRAG_SHARED_DATA", default))
-
-
 DOCS = shared_data() / "docs"
-needs_shared = pytest.mark.skipif(not DOCS.is_dir(), reason=f"shared test data not found at {DOCS}")
+needs_shared = pytest.mark.usefixtures("shared")  # fails, never skips, when ../shared/data is missing
 
 
 @pytest.fixture(autouse=True)
