@@ -171,6 +171,72 @@ def stats(
     out.print(table)
 
 
+def grounding_json(grounding: Any, blobs: Any) -> dict[str, Any]:
+    """The shape ``mmrag search --json`` prints (and the HTTP API returns)."""
+    def common(hit: Any) -> dict[str, Any]:
+        return {"id": hit.chunk.id, "doc_id": hit.chunk.doc_id, "source": hit.source, "page": hit.chunk.page,
+                "score": hit.score, "scores": hit.scores}
+
+    return {
+        "text": [common(h) | {"text": h.chunk.text} for h in grounding.text_hits],
+        "images": [common(h) | {"context": h.chunk.context, "blob": blobs.url_of(h.chunk.blob)}
+                   for h in grounding.image_hits],
+        "grounded": grounding.grounded,
+    }
+
+
+@app.command()
+def search(
+    text: str = typer.Argument("", help="What to search for (may be empty with --image)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="An image to search with (image->image, image->text)."),
+    k_text: Optional[int] = typer.Option(None, "--k-text", help="Passages to return [default: the profile's]."),
+    k_image: Optional[int] = typer.Option(None, "--k-image", help="Reference images to return."),
+    filter_: Optional[str] = typer.Option(None, "--filter", help='e.g. \'modality == "table" and page >= 3\'.'),
+    tenant: Optional[str] = typer.Option(None, "--tenant"),
+    mode: str = typer.Option("hybrid", "--mode", help="hybrid | dense | bm25"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Find the passages and reference images that ground a prompt, with their scores."""
+    from mmrag.errors import BadInputError
+    from retrieval.retriever import Query, Retriever
+
+    data = None
+    if image is not None:
+        try:
+            data = image.read_bytes()
+        except OSError as exc:
+            raise BadInputError(f"cannot read image {image}: {exc.strerror or exc}") from exc
+    with _runtime() as runtime:
+        grounding = Retriever(runtime).retrieve(Query(text=text or None, image=data, k_text=k_text, k_image=k_image,
+                                                      filter=filter_, tenant=tenant, mode=mode))  # type: ignore[arg-type]
+        result = grounding_json(grounding, runtime.blobs)
+    if as_json:
+        _print_json(result)
+        return
+
+    def scores(hit: dict[str, Any]) -> str:
+        return " ".join(f"{k}={v:.3f}" for k, v in hit["scores"].items())
+
+    table = Table(title=f"passages for {text!r}" if text else "passages")
+    for column in ("#", "source", "page", "score", "signals", "text"):
+        table.add_column(column, overflow="fold")
+    for i, hit in enumerate(result["text"], 1):
+        snippet = " ".join(hit["text"].split())[:160]
+        table.add_row(str(i), Path(hit["source"]).name, str(hit["page"] or "-"), f"{hit['score']:.3f}", scores(hit),
+                      snippet)
+    out.print(table)
+    if result["images"]:
+        table = Table(title="reference images")
+        for column in ("#", "source", "page", "score", "signals", "context", "blob"):
+            table.add_column(column, overflow="fold")
+        for i, hit in enumerate(result["images"], 1):
+            table.add_row(str(i), Path(hit["source"]).name, str(hit["page"] or "-"), f"{hit['score']:.3f}",
+                          scores(hit), hit["context"][:120], hit["blob"])
+        out.print(table)
+    if not result["grounded"]:
+        out.print("nothing passed the relevance threshold: a generation would abstain")
+
+
 SAMPLE_KB = Path(__file__).resolve().parent / "sample_kb"
 
 

@@ -91,6 +91,24 @@ class IngestSection(_Section):
     text_batch: int = Field(default=32, ge=1)
 
 
+class RetrievalSection(_Section):
+    k_text: int = Field(default=5, ge=1, le=100)
+    k_image: int = Field(default=3, ge=0, le=100)
+    max_k: int = Field(default=100, ge=1)
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = Field(default=60, ge=1)
+    weights: dict[str, float] = Field(default_factory=lambda: {"dense": 0.5, "bm25": 0.5, "clip": 0.5})
+    candidates: int = Field(default=4, ge=1)  # fetch k * candidates before reranking and MMR
+    mmr_lambda: float = Field(default=0.8, ge=0.0, le=1.0)  # 1.0: pure relevance; lower: more diverse
+    duplicate_cosine: float = Field(default=0.97, gt=0.0, le=1.0)  # passages this similar count as one
+    # Relevance needed for a grounding to count: the reranker's probability when one is configured, else the
+    # dense cosine of the best passage (or CLIP cosine / context cosine of the best image).
+    threshold: float = Field(default=0.35, ge=-1.0, le=1.0)
+    rerank_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    max_query_chars: int = Field(default=4000, ge=1)
+    max_query_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+
+
 class RuntimeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = None  # None: every core the process may use
@@ -106,6 +124,7 @@ class Settings(BaseSettings):
     milvus: MilvusSection = Field(default_factory=MilvusSection)
     blobs: BlobSection = Field(default_factory=BlobSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
+    retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @classmethod

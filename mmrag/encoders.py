@@ -274,3 +274,24 @@ def load_clip(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSect
         name = f"{arch}/{spec.pretrained}"
     logger.info("CLIP %s loaded (%s, %s)", name, device, dtype)
     return ClipEncoder(model, preprocess, tokenizer, name, device=device, dtype=dtype, batch_size=spec.batch_size)
+
+
+def load_cross_encoder(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSection") -> Any:
+    """A sentence-transformers ``CrossEncoder`` (e.g. ms-marco-MiniLM) scoring (query, passage) pairs."""
+    from mmrag.device import configure_threads, pick_device, pick_dtype
+
+    configure_threads(runtime.torch_threads)
+    device = pick_device(runtime.device)
+    try:
+        from mmrag.compat import ensure_torchvision
+
+        ensure_torchvision()
+        from sentence_transformers import CrossEncoder
+
+        model = CrossEncoder(resolution.location, device=device, local_files_only=resolution.source != "hub")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelUnavailableError(f"cannot load the reranker from {resolution.location}: {type(exc).__name__}: "
+                                    f"{exc}. {resolution.note}") from exc
+    model.model.to(pick_dtype(spec.precision, device))
+    logger.info("reranker loaded from %s (%s)", resolution.location, device)
+    return model

@@ -167,10 +167,12 @@ class ModelSet:
     """
 
     def __init__(self, settings: Settings, *, clip: "ClipEncoder | None" = None,
-                 text_embedder: "TextEmbedder | None" = None) -> None:
+                 text_embedder: "TextEmbedder | None" = None, reranker: Any = None) -> None:
         self.settings = settings
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._loaded: dict[str, Any] = {}
+        if reranker is not None:
+            self._loaded["reranker"] = reranker
         if clip is not None:
             self._loaded["clip"] = clip
         if text_embedder is not None:
@@ -195,6 +197,21 @@ class ModelSet:
             return load_text_embedder(res, spec, self.settings.runtime)
 
         return self._load("text_embedder", load)
+
+    @property
+    def reranker(self) -> Any:
+        """The cross-encoder reranker, or ``None`` when the profile configures none."""
+
+        def load() -> Any:
+            spec = self.settings.models.reranker
+            if spec is None:
+                return None
+            res = self.resolution("reranker").require()
+            from mmrag.encoders import load_cross_encoder
+
+            return load_cross_encoder(res, spec, self.settings.runtime)
+
+        return self._load("reranker", load)
 
     @property
     def clip(self) -> "ClipEncoder | None":

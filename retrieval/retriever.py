@@ -1,0 +1,286 @@
+"""``retrieve(query) -> Grounding``: the passages and reference images that should ground a generation.
+
+Steps, for a query holding text and/or an image:
+  1. check the query (empty, too long, unreadable image, filter syntax) and compile its filter;
+  2. text passages: dense (text embedder) and BM25 (Milvus' sparse BM25 field) fused by Milvus ``hybrid_search``
+     (RRF by default, weighted as an option); an image query adds CLIP image->text;
+  3. reference images: CLIP text->image (and image->image for an image query) fused with dense and BM25 matches on
+     the image's context text, so images stay findable when no CLIP weights are present;
+  4. per-signal scores for every hit (dense cosine, BM25, CLIP cosine) next to the fused score;
+  5. passages re-scored by the cross-encoder when one is configured;
+  6. near-duplicates dropped and the rest diversified (MMR on the passages' vectors);
+  7. ``grounded`` says whether anything passed the relevance threshold, so generation can abstain.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from mmrag.errors import BadInputError, ModelUnavailableError
+from mmrag.index import CHUNK_FIELDS, quote
+from mmrag.records import Chunk, Grounding, Hit
+from mmrag.runtime import Runtime
+from retrieval.filters import compile_filter
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["hybrid", "dense", "bm25"]
+TEXT_MODALITIES = '["text", "table"]'
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str | None = None
+    image: bytes | None = None  # encoded image bytes (PNG, JPEG, ...)
+    k_text: int | None = None  # None: the profile's retrieval.k_text
+    k_image: int | None = None
+    filter: str | None = None  # see retrieval.filters
+    threshold: float | None = None  # None: the profile's retrieval.threshold
+    tenant: str | None = None  # None: the settings' tenant
+    mode: Mode = "hybrid"  # dense-only and BM25-only exist for evaluation
+    rerank: bool | None = None  # None: rerank when a reranker is configured
+
+
+@dataclass
+class _Candidate:
+    row: dict[str, Any]
+    fused: float
+    scores: dict[str, float]
+
+
+def _cos(a: np.ndarray, b: list[float] | np.ndarray) -> float:
+    return float(np.dot(a, np.asarray(b, dtype=np.float32)))
+
+
+class Retriever:
+    """Retrieval over one runtime's knowledge base and models."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings.retrieval
+
+    # -- the call ---------------------------------------------------------------------------------------------
+    def retrieve(self, query: Query) -> Grounding:
+        # 1. Check inputs.
+        text, k_text, k_image, base = self._check(query)
+        index = self.runtime.index
+        schema = index.schema()
+        if schema is None:
+            return Grounding(prompt=text or "", grounded=False)
+        has_clip = bool(schema.get("clip"))
+        models = self.runtime.models
+        clip = models.clip if has_clip else None
+        if has_clip and clip is not None:
+            index.ensure(models.text_embedder.signature, clip.signature)
+        if query.image is not None and clip is None:
+            raise ModelUnavailableError("image queries need CLIP weights, and none are loaded for this knowledge "
+                                        "base; `mmrag models` says what to configure")
+        # Query vectors, computed once.
+        q_text = models.text_embedder.encode([text])[0] if (text and query.mode != "bm25") else None
+        q_clip_text = clip.encode_texts([text])[0] if (text and clip is not None and query.mode == "hybrid") else None
+        q_clip_image = clip.encode_images([query.image])[0] if (query.image is not None and clip) else None
+        vectors = {"dense": q_text, "clip_text": q_clip_text, "clip_image": q_clip_image}
+
+        # 2. Passages.
+        text_hits: list[Hit] = []
+        if k_text:
+            pool = self._search(text, vectors, query.mode, f"{base} and modality in {TEXT_MODALITIES}",
+                                k_text * self.settings.candidates, images=False)
+            # 5.-6. Rerank, then de-duplicate and diversify.
+            reranked = self._rerank(text, pool, query.rerank)
+            text_hits = [self._hit(c, key) for c, key in self._mmr(reranked, k_text)]
+        # 3. Images.
+        image_hits: list[Hit] = []
+        if k_image:
+            pool = self._search(text, vectors, query.mode, f'{base} and modality == "image"',
+                                k_image * self.settings.candidates, images=True)
+            image_hits = [self._hit(c, "fused") for c in pool[:k_image]]
+        # 7. Did anything pass the threshold?
+        grounded = self._grounded(text_hits, image_hits, query.threshold)
+        return Grounding(prompt=text or "", text_hits=tuple(text_hits), image_hits=tuple(image_hits),
+                         grounded=grounded)
+
+    # -- 1. checks --------------------------------------------------------------------------------------------
+    def _check(self, query: Query) -> tuple[str | None, int, int, str]:
+        text = query.text.strip() if query.text else None
+        if not text and query.image is None:
+            raise BadInputError("empty query: give text, an image, or both")
+        if text and len(text) > self.settings.max_query_chars:
+            raise BadInputError(f"query is {len(text):,} characters; the limit is {self.settings.max_query_chars:,} "
+                                "(retrieval.max_query_chars)")
+        if query.image is not None:
+            self._check_image(query.image)
+        k_text = self.settings.k_text if query.k_text is None else query.k_text
+        k_image = self.settings.k_image if query.k_image is None else query.k_image
+        for name, k in (("k_text", k_text), ("k_image", k_image)):
+            if not 0 <= k <= self.settings.max_k:
+                raise BadInputError(f"{name} must be between 0 and {self.settings.max_k}, got {k}")
+        if query.mode not in ("hybrid", "dense", "bm25"):
+            raise BadInputError(f"unknown retrieval mode {query.mode!r}: use hybrid, dense or bm25")
+        if query.mode == "bm25" and not text:
+            raise BadInputError("BM25 retrieval needs query text")
+        tenant = query.tenant or self.runtime.settings.tenant
+        base = f"tenant == {quote(tenant)}"
+        user = compile_filter(query.filter)
+        if user:
+            base = f"{base} and {user}"
+        return text, k_text, k_image, base
+
+    def _check_image(self, data: bytes) -> None:
+        from ingest.safety import check_image
+
+        if len(data) > self.settings.max_query_image_bytes:
+            raise BadInputError(f"query image is {len(data):,} bytes; the limit is "
+                                f"{self.settings.max_query_image_bytes:,}")
+        check_image(data, self.runtime.settings.ingest.max_image_pixels, what="query image")
+
+    # -- 2.-4. search -----------------------------------------------------------------------------------------
+    def _requests(self, text: str | None, vectors: dict[str, Any], mode: Mode, expr: str, limit: int,
+                  images: bool) -> list[tuple[str, Any]]:
+        from pymilvus import AnnSearchRequest
+
+        reqs: list[tuple[str, Any]] = []
+        if mode in ("hybrid", "dense") and vectors["dense"] is not None:
+            reqs.append(("dense", AnnSearchRequest([vectors["dense"].tolist()], "text_vector",
+                                                   {"metric_type": "COSINE"}, limit, expr=expr)))
+        if mode in ("hybrid", "bm25") and text:
+            reqs.append(("bm25", AnnSearchRequest([text], "sparse", {"metric_type": "BM25"}, limit, expr=expr)))
+        if mode == "hybrid" or not text:
+            if images and vectors["clip_text"] is not None:
+                reqs.append(("clip", AnnSearchRequest([vectors["clip_text"].tolist()], "clip_vector",
+                                                      {"metric_type": "COSINE"}, limit, expr=expr)))
+            if vectors["clip_image"] is not None:
+                reqs.append(("clip_image", AnnSearchRequest([vectors["clip_image"].tolist()], "clip_vector",
+                                                            {"metric_type": "COSINE"}, limit, expr=expr)))
+        return reqs
+
+    def _search(self, text: str | None, vectors: dict[str, Any], mode: Mode, expr: str, limit: int,
+                images: bool) -> list[_Candidate]:
+        from pymilvus import RRFRanker, WeightedRanker
+
+        index = self.runtime.index
+        reqs = self._requests(text, vectors, mode, expr, limit, images)
+        if not reqs:
+            return []
+        fields = CHUNK_FIELDS + ["text_vector"] + (["clip_vector"] if index.has_clip else [])
+        if len(reqs) == 1:
+            name, req = reqs[0]
+            raw = index._call(index.client.search, index.chunks, data=req.data, anns_field=req.anns_field,
+                              search_params=req.param, limit=limit, filter=expr, output_fields=fields)
+        else:
+            if self.settings.fusion == "weighted":
+                weights = [self.settings.weights.get("clip" if n.startswith("clip") else n, 0.5) for n, _ in reqs]
+                ranker = WeightedRanker(*weights)
+            else:
+                ranker = RRFRanker(self.settings.rrf_k)
+            raw = index._call(index.client.hybrid_search, index.chunks, reqs=[r for _, r in reqs], ranker=ranker,
+                              limit=limit, output_fields=fields)
+        hits = raw[0] if raw else []
+        candidates = [_Candidate(h["entity"] | {"id": h.get("id", h["entity"].get("id"))}, float(h["distance"]), {})
+                      for h in hits]
+        self._signal_scores(candidates, text, vectors, {n for n, _ in reqs}, expr)
+        return candidates
+
+    def _signal_scores(self, candidates: list[_Candidate], text: str | None, vectors: dict[str, Any],
+                       used: set[str], expr: str) -> None:
+        """Fill each candidate's per-signal scores: cosines from the returned vectors, BM25 from one search
+        restricted to the candidates."""
+        for c in candidates:
+            c.scores["fused"] = c.fused
+            if vectors["dense"] is not None:
+                c.scores["dense"] = _cos(vectors["dense"], c.row["text_vector"])
+            if "clip_vector" in c.row:
+                if vectors["clip_text"] is not None:
+                    c.scores["clip"] = _cos(vectors["clip_text"], c.row["clip_vector"])
+                if vectors["clip_image"] is not None:
+                    c.scores["clip_image"] = _cos(vectors["clip_image"], c.row["clip_vector"])
+        if text and "bm25" in used and candidates:
+            index = self.runtime.index
+            ids = [c.row["id"] for c in candidates]
+            found = index._call(index.client.search, index.chunks, data=[text], anns_field="sparse",
+                                search_params={"metric_type": "BM25"}, limit=len(ids),
+                                filter=f"{expr} and id in {json_list(ids)}", output_fields=["id"])
+            # milvus-lite reports BM25 relevance as a negated distance, a Milvus server as a positive score.
+            bm25 = {h.get("id", h["entity"].get("id")): abs(float(h["distance"])) for h in (found[0] if found else [])}
+            for c in candidates:
+                c.scores["bm25"] = bm25.get(c.row["id"], 0.0)
+
+    # -- 5. rerank --------------------------------------------------------------------------------------------
+    def _rerank(self, text: str | None, pool: list[_Candidate], wanted: bool | None) -> list[tuple[_Candidate, str]]:
+        reranker = self.runtime.models.reranker if (wanted is not False and text) else None
+        if wanted and reranker is None and text:
+            raise ModelUnavailableError("reranking was asked for but no reranker is configured (models.reranker)")
+        if reranker is None or not pool:
+            return [(c, "fused") for c in pool]
+        logits = reranker.predict([(text, c.row["text"]) for c in pool])
+        for c, logit in zip(pool, np.atleast_1d(logits)):
+            c.scores["rerank"] = 1.0 / (1.0 + math.exp(-float(logit)))
+        return [(c, "rerank") for c in sorted(pool, key=lambda c: c.scores["rerank"], reverse=True)]
+
+    # -- 6. MMR -----------------------------------------------------------------------------------------------
+    def _mmr(self, ranked: list[tuple[_Candidate, str]], k: int) -> list[tuple[_Candidate, str]]:
+        if not ranked:
+            return []
+        lam = self.settings.mmr_lambda
+        relevance = np.array([c.scores[key] for c, key in ranked], dtype=np.float32)
+        span = float(relevance.max() - relevance.min())
+        relevance = (relevance - relevance.min()) / span if span > 0 else np.ones_like(relevance)
+        vectors = np.array([c.row["text_vector"] for c, _ in ranked], dtype=np.float32)
+        chosen: list[int] = []
+        remaining = list(range(len(ranked)))
+        while remaining and len(chosen) < k:
+            if chosen:
+                similarity = (vectors[remaining] @ vectors[chosen].T).max(axis=1)
+            else:
+                similarity = np.zeros(len(remaining), dtype=np.float32)
+            keep = [i for i, s in zip(remaining, similarity) if s < self.settings.duplicate_cosine]
+            if not keep:
+                break
+            similarity = similarity[[remaining.index(i) for i in keep]]
+            scores = lam * relevance[keep] - (1.0 - lam) * similarity
+            best = keep[int(np.argmax(scores))]
+            chosen.append(best)
+            remaining = [i for i in keep if i != best]
+        return [ranked[i] for i in chosen]
+
+    # -- 7. threshold -----------------------------------------------------------------------------------------
+    def _grounded(self, text_hits: list[Hit], image_hits: list[Hit], threshold: float | None) -> bool:
+        limit = self.settings.threshold if threshold is None else threshold
+        for hit in text_hits:
+            if "rerank" in hit.scores:
+                if hit.scores["rerank"] >= self.settings.rerank_threshold:
+                    return True
+            elif hit.scores.get("dense", -1.0) >= limit:
+                return True
+        return any(hit.scores.get("dense", -1.0) >= limit for hit in image_hits)
+
+    # -- records ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _hit(candidate: _Candidate, key: str) -> Hit:
+        row = candidate.row
+        meta = dict(row.get("meta") or {})
+        bbox = meta.get("bbox")
+        image = row["modality"] == "image"
+        chunk = Chunk(id=row["id"], doc_id=row["doc_id"], modality=row["modality"],
+                      text="" if image else row["text"], blob=row.get("blob", ""),
+                      page=None if row.get("page", -1) < 0 else row["page"],
+                      bbox=tuple(bbox) if bbox else None, order=row.get("position", 0),
+                      context=row["text"] if image else "", metadata=meta)
+        scores = {name: round(value, 6) for name, value in candidate.scores.items()}
+        return Hit(chunk=chunk, score=round(candidate.scores[key], 6), scores=scores, source=row.get("source", ""))
+
+
+def json_list(values: list[str]) -> str:
+    return "[" + ", ".join(quote(v) for v in values) + "]"
+
+
+def retrieve(runtime: Runtime, query: Query) -> Grounding:
+    return Retriever(runtime).retrieve(query)
+
+
+__all__ = ["Query", "Retriever", "retrieve"]
