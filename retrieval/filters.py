@@ -94,7 +94,7 @@ class _Parser:
         tok = self.peek()
         if tok is not None and tok.kind == "word" and tok.text.lower() == "not":
             self.take()
-            return f"(not {self.not_()})"
+            return f"(not ({self.not_()}))"
         return self.atom()
 
     def atom(self) -> str:
@@ -114,6 +114,8 @@ class _Parser:
                 values.append(self.value(kind, field))
             if nxt.text != "]":
                 raise BadInputError(f"malformed filter: expected ']' at position {nxt.pos}, found {nxt.text!r}")
+            if kind == "any":  # a metadata key: spelled out, as not every Milvus takes `in` on a JSON path
+                return "(" + " or ".join(f"{field} == {v}" for v in values) + ")"
             return f"{field} in [{', '.join(values)}]"
         if op.kind == "word" and op.text.lower() == "like":
             if kind == "int":

@@ -181,24 +181,25 @@ class Retriever:
             raw = index._call(index.client.hybrid_search, index.chunks, reqs=[r for _, r in reqs], ranker=ranker,
                               limit=limit, output_fields=fields)
         hits = raw[0] if raw else []
-        candidates = [_Candidate(h["entity"] | {"id": h.get("id", h["entity"].get("id"))}, float(h["distance"]), {})
-                      for h in hits]
+        # One signal alone: its own score is the fused one (BM25 made positive, see _signal_scores).
+        sign = abs if len(reqs) == 1 and reqs[0][0] == "bm25" else float
+        candidates = [_Candidate(h["entity"] | {"id": h.get("id", h["entity"].get("id"))}, sign(float(h["distance"])),
+                                 {}) for h in hits]
         self._signal_scores(candidates, text, vectors, {n for n, _ in reqs}, expr)
         return candidates
 
     def _signal_scores(self, candidates: list[_Candidate], text: str | None, vectors: dict[str, Any],
                        used: set[str], expr: str) -> None:
-        """Fill each candidate's per-signal scores: cosines from the returned vectors, BM25 from one search
-        restricted to the candidates."""
+        """Fill each candidate's scores for the signals that found it: cosines from the returned vectors, BM25
+        from one search restricted to the candidates."""
         for c in candidates:
             c.scores["fused"] = c.fused
-            if vectors["dense"] is not None:
+            if "dense" in used:
                 c.scores["dense"] = _cos(vectors["dense"], c.row["text_vector"])
-            if "clip_vector" in c.row:
-                if vectors["clip_text"] is not None:
-                    c.scores["clip"] = _cos(vectors["clip_text"], c.row["clip_vector"])
-                if vectors["clip_image"] is not None:
-                    c.scores["clip_image"] = _cos(vectors["clip_image"], c.row["clip_vector"])
+            if "clip" in used:
+                c.scores["clip"] = _cos(vectors["clip_text"], c.row["clip_vector"])
+            if "clip_image" in used:
+                c.scores["clip_image"] = _cos(vectors["clip_image"], c.row["clip_vector"])
         if text and "bm25" in used and candidates:
             index = self.runtime.index
             ids = [c.row["id"] for c in candidates]
