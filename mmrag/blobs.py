@@ -55,6 +55,7 @@ class BlobStore:
         path = self._path(key)
         try:
             if self.fs.exists(path):
+                self._touch(path, data)  # in use again: a concurrent sweep's grace period starts over
                 return key
             if self.local:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -67,6 +68,21 @@ class BlobStore:
         except OSError as exc:
             raise StoreError(f"cannot write blob {key}: {exc}") from exc
         return key
+
+    def _touch(self, path: str, data: bytes) -> None:
+        if self.local:
+            os.utime(path)
+        else:
+            self.fs.pipe_file(path, data)  # object stores have no cheap touch; same bytes, same key
+
+    def _age_s(self, key: str) -> float:
+        import time
+
+        info = self.fs.info(self._path(key))
+        modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or info.get("created")
+        if hasattr(modified, "timestamp"):
+            modified = modified.timestamp()
+        return time.time() - float(modified) if modified else float("inf")
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -113,11 +129,12 @@ class BlobStore:
     def clear_pending_gc(self) -> None:
         self.delete(_PENDING_GC)
 
-    def sweep(self, referenced: set[str]) -> int:
-        """Delete blobs no chunk references; returns how many went."""
+    def sweep(self, referenced: set[str], grace_s: float = 0.0) -> int:
+        """Delete blobs no chunk references and nothing wrote or re-used in the last ``grace_s`` seconds;
+        returns how many went."""
         removed = 0
         for key in list(self.keys()):
-            if key not in referenced:
+            if key not in referenced and (grace_s <= 0 or self._age_s(key) >= grace_s):
                 self.delete(key)
                 removed += 1
         if removed:

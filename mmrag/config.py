@@ -74,6 +74,8 @@ class MilvusSection(_Section):
 class BlobSection(_Section):
     url: str | None = None  # None: <data dir>/blobs; any fsspec URL, e.g. s3://bucket/prefix
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Unreferenced blobs younger than this survive a sweep (None: 0 s embedded, 600 s with a Milvus server).
+    sweep_grace_s: float | None = Field(default=None, ge=0)
 
 
 class IngestSection(_Section):

@@ -297,3 +297,21 @@ def test_kill_and_rerun_ends_as_an_uninterrupted_run(tmp_path, shared, clip_prof
     assert sorted(killed.blobs.keys()) == sorted(clean.blobs.keys())
     assert [(d.source, d.version) for d in killed.index.documents()] == [
         (d.source, d.version) for d in clean.index.documents()]
+
+
+def test_sweep_keeps_recent_blobs_when_other_processes_may_be_writing(tmp_path):
+    """With a Milvus server, another process's blob can exist moments before its chunks: a sweep keeps
+    unreferenced blobs younger than the grace period, and re-using a blob restarts its clock."""
+    from mmrag.blobs import BlobStore
+
+    store = BlobStore(str(tmp_path / "blobs"))
+    old = store.put(b"old bytes", "png")
+    fresh = store.put(b"fresh bytes", "png")
+    past = os.stat(store.url_of(old)).st_mtime - 3600
+    os.utime(store.url_of(old), (past, past))
+    os.utime(store.url_of(fresh), (past, past))
+    store.put(b"fresh bytes", "png")  # re-used just now
+    assert store.sweep(referenced=set(), grace_s=600) == 1
+    assert not store.exists(old) and store.exists(fresh)
+    assert store.sweep(referenced={fresh}, grace_s=0) == 0 and store.exists(fresh)
+    assert store.sweep(referenced=set(), grace_s=0) == 1 and not store.exists(fresh)
