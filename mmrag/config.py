@@ -98,7 +98,10 @@ class RetrievalSection(_Section):
     k_image: int = Field(default=3, ge=0, le=100)
     max_k: int = Field(default=100, ge=1)
     fusion: Literal["rrf", "weighted"] = "rrf"
-    rrf_k: int = Field(default=60, ge=1)
+    # RRF's k: 5, not the customary 60. `mmrag eval halueval --retrieval-only` (1,000 questions over 999 passages)
+    # measured hybrid recall@5 / MRR 0.990 / 0.977 at 60, 0.992 / 0.980 at 20, 0.996 / 0.980 at 10, 0.996 / 0.982
+    # at 5: with two signals, a small k lets a passage one signal ranks first beat one both rank middling.
+    rrf_k: int = Field(default=5, ge=1)
     weights: dict[str, float] = Field(default_factory=lambda: {"dense": 0.5, "bm25": 0.5, "clip": 0.5})
     candidates: int = Field(default=4, ge=1)  # fetch k * candidates before reranking and MMR
     mmr_lambda: float = Field(default=0.8, ge=0.0, le=1.0)  # 1.0: pure relevance; lower: more diverse

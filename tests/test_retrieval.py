@@ -212,7 +212,12 @@ def test_reranker_rescores_passages(kb, tiny_cross_encoder, text_embedder, tiny_
 def test_cli_search_json(tmp_path):
     env = {**os.environ, "MMRAG_DATA_DIR": str(tmp_path / "data")}
     cli = [sys.executable, "-m", "mmrag.cli"]
-    assert subprocess.run(cli + ["demo"], env=env, capture_output=True, timeout=600).returncode == 0
+    demo = subprocess.run(cli + ["demo", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stderr
+    demo = json.loads(demo.stdout)  # the README's main job: ingest the sample knowledge base, ground a prompt
+    assert demo["ingest"]["added"] == 2 and demo["stats"]["chunks"]["image"] == 5
+    assert demo["grounding"]["grounded"] and "17 April 1964" in demo["grounding"]["text"][0]["text"]
+    assert "Mustang" in demo["grounding"]["images"][0]["context"]
     run = subprocess.run(cli + ["search", MUSTANG, "--k-text", "2", "--k-image", "1", "--json"], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
