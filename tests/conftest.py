@@ -74,6 +74,27 @@ def tiny_clip(tmp_path_factory):
     return build_clip(tmp=tmp_path_factory.mktemp("clip-config"))
 
 
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, text_embedder):
+    """A random BERT cross-encoder built from a config, with MiniLM's real vocabulary (tests only), loaded through
+    the product's reranker loader from a local folder."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from mmrag.config import load_settings
+    from mmrag.encoders import load_cross_encoder
+    from mmrag.models import resolve
+
+    folder = tmp_path_factory.mktemp("cross-encoder")
+    config = BertConfig(vocab_size=text_embedder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=1)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    text_embedder.tokenizer.save_pretrained(folder)
+    spec = load_settings(models={"reranker": {"path": str(folder)}}).models.reranker
+    return load_cross_encoder(resolve("reranker", spec), spec, load_settings().runtime)
+
+
 @pytest.fixture
 def make_runtime(tmp_path, text_embedder, tiny_clip):
     """Build runtimes over one data dir in tmp_path, sharing the session's models; closes them after the test."""

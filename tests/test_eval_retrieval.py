@@ -226,26 +226,6 @@ def test_run_retrieval_eval_input_errors(halueval_kb):
         run_retrieval_eval(runtime, records, modes=("hybrid+rerank",), progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory, text_embedder):
-    """A random BERT cross-encoder built from a config, with MiniLM's real vocabulary (tests only)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from mmrag.config import load_settings
-    from mmrag.encoders import load_cross_encoder
-    from mmrag.models import resolve
-
-    folder = tmp_path_factory.mktemp("cross-encoder")
-    config = BertConfig(vocab_size=text_embedder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=1)
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    text_embedder.tokenizer.save_pretrained(folder)
-    spec = load_settings(models={"reranker": {"path": str(folder)}}).models.reranker
-    return load_cross_encoder(resolve("reranker", spec), spec, load_settings().runtime)
-
-
 def test_hybrid_rerank_mode_with_a_cross_encoder(halueval_kb, tiny_cross_encoder, text_embedder):
     """The mode runs when a reranker is configured (random weights: the figures mean nothing)."""
     from eval.retrieval import run_retrieval_eval

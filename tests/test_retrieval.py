@@ -169,28 +169,6 @@ def test_filter_values_cannot_inject(kb):
     assert retrieve(kb, text=MUSTANG, filter=sneaky).text_hits == ()
 
 
-@pytest.fixture(scope="module")
-def tiny_cross_encoder(tmp_path_factory, text_embedder):
-    """A random BERT cross-encoder built from a config, with MiniLM's real vocabulary (tests only)."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    from mmrag.config import load_settings
-    from mmrag.models import resolve
-
-    folder = tmp_path_factory.mktemp("cross-encoder")
-    config = BertConfig(vocab_size=text_embedder.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
-                        num_attention_heads=2, intermediate_size=64, num_labels=1)
-    import torch
-
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    text_embedder.tokenizer.save_pretrained(folder)
-    spec = load_settings(models={"reranker": {"path": str(folder)}}).models.reranker
-    from mmrag.encoders import load_cross_encoder
-
-    return load_cross_encoder(resolve("reranker", spec), spec, load_settings().runtime)
-
-
 def test_reranker_rescores_passages(kb, tiny_cross_encoder, text_embedder, tiny_clip):
     runtime = _runtime(Path(kb.settings.data_dir), text_embedder, tiny_clip, reranker=tiny_cross_encoder)
     runtime.index._client = kb.index.client  # one embedded store per process: share the open connection
