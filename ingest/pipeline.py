@@ -138,8 +138,11 @@ class Ingestor:
                             self._mark_blob_writes()
                             self.index.delete_document(record.doc_id)
                             counts["deleted"] += 1
-            # 5. Sweep blobs that no chunk references any more.
+            # 5. Seal what was written (a reopened embedded store then loads segments instead of replaying its
+            #    write log, and BM25 statistics are not rebuilt on every query), then sweep blobs that no
+            #    chunk references any more.
             if self._marked:
+                self.index.flush()
                 self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
                 self.blobs.clear_pending_gc()
         finally:
@@ -152,6 +155,7 @@ class Ingestor:
         self.blobs.mark_pending_gc()
         for record in records:
             self.index.delete_document(record.doc_id)
+        self.index.flush()
         self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
         self.blobs.clear_pending_gc()
         return len(records)

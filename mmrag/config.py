@@ -150,7 +150,10 @@ class Settings(BaseSettings):
 
     @property
     def blob_url(self) -> str:
-        return self.blobs.url or str(self.data_dir / "blobs")
+        """Where this collection's image blobs live: one folder (or prefix) per collection, so a sweep or a
+        ``delete --all`` in one collection never touches the images of another sharing the data dir or bucket."""
+        base = self.blobs.url or str(self.data_dir / "blobs")
+        return f"{base.rstrip('/')}/{self.milvus.collection}"
 
 
 class _ProfileSource(PydanticBaseSettingsSource):

@@ -311,6 +311,11 @@ class MilvusIndex:
         self._schema = None
         self._loaded = False
 
+    def flush(self) -> None:
+        """Seal the written rows into segments (one call per ingest or delete, not per batch)."""
+        for name in (self.chunks, self.docs):
+            self._call(self.client.flush, name)
+
     def chunk_rows(self, expr: str, fields: list[str] | None = None) -> list[dict[str, Any]]:
         if not self.exists():
             return []

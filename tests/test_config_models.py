@@ -30,7 +30,7 @@ def test_precedence_cli_over_env_over_profile(tmp_path, monkeypatch):
 def test_embedded_store_lives_under_data_dir(tmp_path):
     settings = load_settings(data_dir=tmp_path / "kb")
     assert settings.milvus_uri == str(tmp_path / "kb" / "milvus.db")
-    assert settings.blob_url == str(tmp_path / "kb" / "blobs")
+    assert settings.blob_url == str(tmp_path / "kb" / "blobs" / "mmrag")
     assert load_settings(milvus={"uri": "http://milvus:19530"}).milvus_uri == "http://milvus:19530"
 
 

@@ -142,6 +142,27 @@ def test_sync_removes_what_disappeared_and_delete_removes_a_document(make_runtim
         runtime.ingestor.delete([notes.doc_id])
 
 
+def test_collections_sharing_a_data_dir_keep_their_own_images(make_runtime, tmp_path):
+    """A sweep in one collection (after an ingest, a delete or ``delete --all``) never removes another's images."""
+    kb = _kb(tmp_path / "kb")
+    cars = make_runtime()
+    cars.ingestor.ingest([kb])
+    keys = {r["blob"] for r in cars.index.chunk_rows('modality == "image"', ["blob"])}
+    assert len(keys) == 2 and all(cars.blobs.exists(k) for k in keys)
+    cars.close()
+
+    other = make_runtime(milvus={"collection": "other"})
+    other.ingestor.ingest([kb / "notes.txt"])  # writes, so it sweeps its own (image-free) store
+    other.ingestor.delete([d.doc_id for d in other.index.documents()])
+    other.index.delete_all()
+    other.blobs.sweep(set())
+    other.close()
+
+    cars = make_runtime()
+    assert all(cars.blobs.exists(k) for k in keys)
+    assert sorted(cars.blobs.keys()) == sorted(keys)
+
+
 def test_tenants_are_separate(make_runtime, tmp_path):
     kb = _kb(tmp_path / "kb")
     runtime = make_runtime()
