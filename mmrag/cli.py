@@ -272,11 +272,13 @@ DEMO_PROMPT = "When was the Ford Mustang introduced, and what did it look like?"
 
 
 @app.command()
-def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest report, stats and grounding as JSON."),
+def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest report, grounding and answer as JSON."),
          ) -> None:
-    """The main job on the embedded defaults: ingest the bundled sample knowledge base, then ground a prompt in it."""
+    """The main job on the embedded defaults: ingest the bundled sample knowledge base, then answer a prompt from
+    it with citations."""
+    from generation.grounded import GroundedGenerator
     from mmrag.records import to_dict
-    from retrieval.retriever import Query, Retriever
+    from retrieval.retriever import Query
 
     runtime = _runtime()
     section = runtime.settings.ingest
@@ -287,31 +289,91 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest re
         report = runtime.ingestor.ingest([SAMPLE_KB], sync=True, progress=sys.stderr.isatty() and not as_json)
         data = runtime.index.stats(runtime.settings.tenant)
         clip = runtime.models.resolution("clip")
-        grounding = grounding_json(Retriever(runtime).retrieve(Query(text=DEMO_PROMPT, k_text=2, k_image=1)),
-                                   runtime.blobs)
-    if as_json:
-        _print_json({"ingest": to_dict(report), "stats": data, "prompt": DEMO_PROMPT, "grounding": grounding})
-    else:
-        out.print(f"Sample knowledge base: {SAMPLE_KB}")
-        out.print(f"Ingested into {runtime.settings.milvus_uri} (blobs in {runtime.settings.blob_url}): "
-                  f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged; "
-                  f"{data['chunks']['text'] + data['chunks']['table']} text and {data['chunks']['image']} image chunks "
-                  f"from {data['documents']} documents.")
-        if not clip.available:
-            out.print("CLIP weights are not available offline, so images are searchable through their context "
-                      "text (`mmrag models` says what to configure).")
-        out.print(f"\nGrounding for: {DEMO_PROMPT}")
-        for hit in grounding["text"]:
-            out.print(f"  passage  {hit['score']:.3f}  {Path(hit['source']).name}: "
-                      f"{' '.join(hit['text'].split())[:150]}", highlight=False, markup=False)
-        for hit in grounding["images"]:
-            out.print(f"  image    {hit['score']:.3f}  {hit['context']}\n           {hit['blob']}",
-                      highlight=False, markup=False)
-        out.print("grounded: " + ("yes" if grounding["grounded"] else "no (a generation would abstain)"))
+        generator = GroundedGenerator(runtime)
+        grounding = generator.retrieve(Query(text=DEMO_PROMPT, k_text=3, k_image=1))
+        stream = generator.stream(DEMO_PROMPT, grounding=grounding)
+        if as_json:
+            answer = stream.result
+            _print_json({"ingest": to_dict(report), "stats": data, "prompt": DEMO_PROMPT,
+                         "grounding": grounding_json(grounding, runtime.blobs), "answer": answer.to_json()})
+        else:
+            out.print(f"Sample knowledge base: {SAMPLE_KB}")
+            out.print(f"Ingested into {runtime.settings.milvus_uri} (blobs in {runtime.settings.blob_url}): "
+                      f"{report.added} added, {report.updated} updated, {report.unchanged} unchanged; "
+                      f"{data['chunks']['text'] + data['chunks']['table']} text and {data['chunks']['image']} image "
+                      f"chunks from {data['documents']} documents.")
+            if not clip.available:
+                out.print("CLIP weights are not available offline, so images are searchable through their context "
+                          "text (`mmrag models` says what to configure).")
+            out.print(f"\nPrompt: {DEMO_PROMPT}\nAnswer ({runtime.models.llm.name}): ", end="")
+            for piece in stream:
+                out.file.write(piece)
+                out.file.flush()
+            answer = stream.result
+            out.print()
+            _print_sources(answer)
+            for hit in grounding.image_hits:
+                out.print(f"Reference image: {hit.chunk.context}\n  {runtime.blobs.url_of(hit.chunk.blob)}",
+                          highlight=False, markup=False)
     if report.failed:
         for failure in report.failed:
             err.print(f"failed {failure.source}: {failure.reason}", highlight=False, markup=False)
         raise typer.Exit(1)
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The question or instruction to answer from the knowledge base."),
+    no_image: bool = typer.Option(False, "--no-image", help="Text only: generate no images."),
+    k_text: Optional[int] = typer.Option(None, "--k-text", help="Passages to ground on [default: the profile's]."),
+    k_image: Optional[int] = typer.Option(None, "--k-image", help="Reference images to ground on."),
+    filter_: Optional[str] = typer.Option(None, "--filter", help="Restrict the sources (see `mmrag search`)."),
+    tenant: Optional[str] = typer.Option(None, "--tenant"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="At most this many new tokens."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 (default): greedy."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (same seed, same answer)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, citations and sources as JSON."),
+) -> None:
+    """Answer from the knowledge base with [n] citations; abstain when nothing relevant is found."""
+    from generation.grounded import GroundedGenerator
+    from retrieval.retriever import Query
+
+    with _runtime() as runtime:
+        generator = GroundedGenerator(runtime)
+        params = generator.params(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
+        query = Query(text=prompt, k_text=k_text, k_image=k_image,
+                      filter=filter_, tenant=tenant)
+        stream = generator.stream(prompt, query=query, params=params)
+        if as_json:
+            result = stream.result
+            _print_json(result.to_json())
+            return
+        for piece in stream:  # tokens as they come
+            out.file.write(piece)
+            out.file.flush()
+        result = stream.result
+    out.print()
+    _print_sources(result)
+
+
+def _print_sources(result: Any) -> None:
+    if result.abstained:
+        reason = ("nothing in the knowledge base passed the relevance threshold" if result.abstain_reason ==
+                  "no-grounding" else "the model found no answer in the sources")
+        out.print(f"(abstained: {reason})", highlight=False)
+        return
+    if result.citations:
+        out.print("\nSources:")
+        for c in result.citations:
+            page = f", page {c.page}" if c.page is not None else ""
+            out.print(f"  [{c.marker}] {Path(c.source).name}{page}: {c.snippet[:140]}", highlight=False, markup=False)
+    if result.removed_citations:
+        out.print(f"removed citations of sources that were not given: {list(result.removed_citations)}",
+                  highlight=False)
+    if result.unsupported:
+        out.print("Not supported by a cited source:")
+        for sentence in result.unsupported:
+            out.print(f"  - {sentence}", highlight=False, markup=False)
 
 
 @app.command()

@@ -114,9 +114,38 @@ class RetrievalSection(_Section):
     max_query_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
 
 
+class GenerationSection(_Section):
+    # The prompt template: a built-in name (mmrag/profiles/prompts/NAME.toml) or a path to a TOML file.
+    template: str = "grounded"
+    max_new_tokens: int = Field(default=160, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)  # 0: greedy
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0  # sampling is reproducible for the same seed and inputs
+    stop: list[str] = Field(default_factory=list)
+    repetition_penalty: float = Field(default=1.0, ge=1.0, le=3.0)  # on generated tokens only
+    max_source_chars: int = Field(default=1200, ge=100)  # each passage is clipped to this in the prompt
+    max_prompt_tokens: int = Field(default=1800, ge=128)  # sources are dropped (lowest ranked first) to fit
+    # free: the model writes its own [n] markers. constrained: the model may not write markers; the decoder ends
+    # each statement with the marker of the given source that best supports it (for small models that do not
+    # cite on their own; see generation.text._Citer).
+    citation_mode: Literal["free", "constrained"] = "free"
+    # A cited sentence whose cited sources share less than this fraction of its content words is unsupported.
+    min_support: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
 class RuntimeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = None  # None: every core the process may use
+    # Converted model weights (e.g. a GGUF file de-quantised once) are kept here so a second start is fast.
+    # None: $XDG_CACHE_HOME/mmrag, else ~/.cache/mmrag.
+    cache_dir: Path | None = None
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "mmrag"
 
 
 class Settings(BaseSettings):
@@ -130,6 +159,7 @@ class Settings(BaseSettings):
     blobs: BlobSection = Field(default_factory=BlobSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
     retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
 
     @classmethod

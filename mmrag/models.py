@@ -167,12 +167,14 @@ class ModelSet:
     """
 
     def __init__(self, settings: Settings, *, clip: "ClipEncoder | None" = None,
-                 text_embedder: "TextEmbedder | None" = None, reranker: Any = None) -> None:
+                 text_embedder: "TextEmbedder | None" = None, reranker: Any = None, llm: Any = None) -> None:
         self.settings = settings
         self._lock = threading.RLock()
         self._loaded: dict[str, Any] = {}
         if reranker is not None:
             self._loaded["reranker"] = reranker
+        if llm is not None:
+            self._loaded["llm"] = llm
         if clip is not None:
             self._loaded["clip"] = clip
         if text_embedder is not None:
@@ -197,6 +199,21 @@ class ModelSet:
             return load_text_embedder(res, spec, self.settings.runtime)
 
         return self._load("text_embedder", load)
+
+    @property
+    def llm(self) -> Any:
+        """The text generator (``generation.text.TextGenerator``); a missing LLM names what to install."""
+
+        def load() -> Any:
+            spec = self.settings.models.llm
+            if spec is None:
+                raise ModelUnavailableError(f"no LLM is configured: {_HINTS['llm']}")
+            res = self.resolution("llm").require()
+            from generation.text import load_text_generator
+
+            return load_text_generator(res, spec, self.settings.runtime)
+
+        return self._load("llm", load)
 
     @property
     def reranker(self) -> Any:

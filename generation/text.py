@@ -1,0 +1,408 @@
+"""Text generation over transformers causal LMs: chat templates, GGUF files, greedy or seeded sampling, stop
+sequences, token streaming.
+
+The decode loop is our own (prefill once, then one token per step over the KV cache) rather than
+``model.generate`` in a thread: it streams without a helper thread, stops the moment a caller stops reading (an
+HTTP client that disconnects), seeds its own ``torch.Generator`` instead of the process-wide RNG, and checks stop
+strings on the decoded text. ``benchmarks/generate.py`` measures it against a bare ``model.generate``.
+
+A GGUF file is de-quantised by transformers once (about 20 s for SmolLM2-135M here) and kept as safetensors in the
+cache dir; later starts load that in about 1 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmrag.errors import BadInputError, ModelUnavailableError
+
+if TYPE_CHECKING:
+    from mmrag.config import ModelSpec, RuntimeSection
+    from mmrag.models import Resolution
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 160
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    # > 1: tokens already generated (not the prompt's, so copying from the sources stays free) are penalised, as
+    # in CTRL: positive logits divided, negative multiplied.
+    repetition_penalty: float = 1.0
+    # The sources' texts, numbered from 1: the decoder cites them itself (see ``_Citer``). Empty: off.
+    cite_evidence: tuple[str, ...] = ()
+
+
+@dataclass
+class Completion:
+    """What one generation produced, filled in as it streams; final once ``finish_reason`` is set."""
+
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None  # "stop" (end of turn or stop string) | "length" | "cancelled"
+    first_token_s: float | None = None  # seconds from the call to the first token
+    total_s: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode speed: tokens after the first over the time after the first."""
+        if self.first_token_s is None or self.completion_tokens < 2 or self.total_s <= self.first_token_s:
+            return None
+        return (self.completion_tokens - 1) / (self.total_s - self.first_token_s)
+
+
+class TextGenerator:
+    """One loaded causal LM and its tokenizer. Generations are serialised (one model, one KV cache at a time)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, *, device: str = "cpu") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self._lock = threading.Lock()
+        config_eos = getattr(model.generation_config, "eos_token_id", None)
+        eos: set[int] = set()
+        for value in (config_eos, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                eos.add(value)
+            elif value:
+                eos.update(int(v) for v in value)
+        self.eos_ids = frozenset(eos)
+
+    @functools.cached_property
+    def wordlike(self) -> frozenset[int]:
+        """Tokens with a letter in them: the repetition penalty spares digits and punctuation, so numbers and
+        dates copied from the sources are not distorted ("1964" is four digit tokens in many vocabularies)."""
+        tok = self.tokenizer
+        return frozenset(i for piece, i in tok.get_vocab().items()
+                         if any(ch.isalpha() for ch in tok.convert_tokens_to_string([piece])))
+
+    # -- prompts ----------------------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The model's own chat format; a plain transcript for base models that have none."""
+        if self.has_chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return "\n\n".join(lines) + "\n\nAssistant:"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def special_tokens(self) -> list[str]:
+        """Strings the tokenizer turns into control tokens (chat turn markers, end of text)."""
+        tokens = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        tokens.update(str(t) for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+                      if getattr(t, "special", False))
+        return sorted((t for t in tokens if t), key=len, reverse=True)
+
+    # -- generation -------------------------------------------------------------------------------------------
+    def stream(self, prompt: str, params: SamplingParams, completion: Completion | None = None) -> Iterator[str]:
+        """Yield text pieces as they are decoded; ``completion`` (when given) holds the totals at the end.
+
+        ``prompt`` is the rendered prompt (see ``render``). Closing the iterator early stops generating.
+        """
+        import torch
+
+        completion = completion if completion is not None else Completion()
+        started = time.perf_counter()
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and ids.shape[1] + 1 > limit:
+            raise BadInputError(f"the prompt has {ids.shape[1]} tokens; the model {self.name} takes at most {limit}")
+        completion.prompt_tokens = int(ids.shape[1])
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        out_ids: list[int] = []
+        emitted = ""
+        hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may be arriving
+        citer = _Citer(self, params.cite_evidence) if params.cite_evidence else None
+        completion.finish_reason = "length"
+        with self._lock, torch.inference_mode():
+            cache = _new_cache()
+            feed = ids[0].tolist()
+            try:
+                while len(out_ids) < params.max_new_tokens:
+                    logits = self._forward(feed, cache)
+                    if citer is not None:
+                        citer.mask(logits)
+                    if params.repetition_penalty != 1.0 and out_ids:
+                        _penalise(logits, [t for t in out_ids if t in self.wordlike], params.repetition_penalty)
+                    token = _pick(logits, params, generator)
+                    if completion.first_token_s is None:
+                        completion.first_token_s = time.perf_counter() - started
+                    end = token in self.eos_ids
+                    forced: list[int] = []
+                    sentence = citer.due(out_ids, token, end) if citer is not None else None
+                    if sentence is not None:
+                        forced = citer.cite(sentence, cache)
+                    out_ids.extend(forced)
+                    if end:
+                        completion.finish_reason = "stop"
+                        completion.completion_tokens = len(out_ids)
+                        break
+                    out_ids.append(token)
+                    feed = forced[-1:] + [token]  # the rest of the forced marker is in the cache already
+                    completion.completion_tokens = len(out_ids)
+                    text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                    if text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for the rest
+                        continue
+                    cut = _find_stop(text, params.stop)
+                    if cut is not None:
+                        completion.finish_reason = "stop"
+                        break
+                    ready = len(text) - hold
+                    if ready > len(emitted):
+                        piece, emitted = text[len(emitted):ready], text[:ready]
+                        completion.text = emitted
+                        yield piece
+            except GeneratorExit:
+                completion.finish_reason = "cancelled"
+                raise
+            finally:
+                completion.total_s = time.perf_counter() - started
+        # Release what was held back for a stop string, up to the stop string when one came.
+        text = self.tokenizer.decode(out_ids, skip_special_tokens=True).rstrip("\ufffd")
+        cut = _find_stop(text, params.stop)
+        text = text[:cut] if cut is not None else text
+        if len(text) > len(emitted) and text.startswith(emitted):
+            piece, emitted = text[len(emitted):], text
+            yield piece
+        completion.text = emitted
+        completion.total_s = time.perf_counter() - started
+
+    def _forward(self, tokens: list[int], cache: Any) -> Any:
+        import torch
+
+        step = torch.tensor([tokens], device=self.device)
+        return self.model(step, past_key_values=cache, use_cache=True).logits[0, -1]
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        completion = Completion()
+        for _ in self.stream(prompt, params, completion):
+            pass
+        return completion
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_ENDS_SENTENCE = re.compile(r"^\s*[)\]\"'\u201d\u2019]*[.!?]")
+_CITED = re.compile(r"\[\s*\d")
+
+
+class _Citer:
+    """Citations the decoder writes, for models too small to cite on their own.
+
+    When a sentence of at least three words is about to end (the model picks ".", "!", "?" or the end of its
+    turn) without a marker, the loop writes `` [n]`` for the given source that best supports the sentence (the
+    highest lexical support, ties to the better-ranked source) and goes on with the token the model had picked. The
+    model writes every word; the loop only names the evidence. A sentence that no source supports still gets the
+    best one, and the support check afterwards (``generation.citations``) reports it unsupported.
+    """
+
+    def __init__(self, generator: "TextGenerator", evidence: tuple[str, ...]) -> None:
+        from generation.support import LexicalSupportScorer
+
+        tok = generator.tokenizer
+        self.generator = generator
+        self.evidence = evidence
+        self.scorer = LexicalSupportScorer()
+        self.after_period = False
+        # The decoder writes every marker: the model may not open a bracket itself (left free, small models
+        # run on into "[5] [6] [7] ..." after the first marker).
+        vocab = tok.get_vocab()
+        self.banned = sorted({i for piece, i in vocab.items()
+                              if tok.convert_tokens_to_string([piece]).strip().startswith("[")})
+
+    def mask(self, logits: Any) -> None:
+        if self.banned:
+            logits[self.banned] = float("-inf")
+
+    def due(self, out_ids: list[int], token: int, end: bool) -> str | None:
+        """The sentence to cite before ``token``, or None."""
+        tok = self.generator.tokenizer
+        text = tok.decode(out_ids, skip_special_tokens=True)
+        piece = "" if end else tok.decode([token], skip_special_tokens=True)
+        if self.after_period:  # "in 1964." then a non-digit: it was a full stop, cite after it
+            self.after_period = False
+            if end or not piece[:1].isdigit():
+                return self._uncited(text)
+            return None
+        if end:
+            return self._uncited(text)
+        if _ENDS_SENTENCE.match(piece) and not text.rstrip().endswith((".", "!", "?")):
+            if text[-1:].isdigit() and piece.strip() == ".":  # maybe a decimal point: decide on the next token
+                self.after_period = True
+                return None
+            return self._uncited(text)
+        return None
+
+    @staticmethod
+    def _uncited(text: str) -> str | None:
+        last = _SENTENCE_END.split(text.rstrip())[-1] if text.strip() else ""
+        last = re.sub(r"^[.!?]+", "", last)
+        if len(re.findall(r"[^\W_]+", last)) >= 3 and not _CITED.search(last):
+            return last
+        return None
+
+    def cite(self, sentence: str, cache: Any) -> list[int]:
+        """Write " [n]" into the cache except its last token (the caller feeds it); returns the tokens."""
+        scores = [self.scorer.score(sentence, [passage]) for passage in self.evidence]
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        tokens = self.generator.tokenizer(f" [{best + 1}]", add_special_tokens=False)["input_ids"]
+        if len(tokens) > 1:
+            self.generator._forward(tokens[:-1], cache)
+        return tokens
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _pick(logits: Any, params: SamplingParams, generator: Any) -> int:
+    import torch
+
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _penalise(logits: Any, seen: list[int], penalty: float) -> None:
+    import torch
+
+    if not seen:
+        return
+    index = torch.tensor(sorted(set(seen)), device=logits.device)
+    values = logits[index]
+    logits[index] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [text.find(s) for s in stops if s and s in text]
+    return min(found) if found else None
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+def load_text_generator(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSection") -> TextGenerator:
+    """Load the LLM role: a GGUF file (converted once, then cached), a local Hugging Face folder, or a hub name."""
+    from mmrag.compat import ensure_torchvision
+    from mmrag.device import configure_threads, pick_device, pick_dtype
+
+    configure_threads(runtime.torch_threads)
+    ensure_torchvision()  # transformers' auto classes may import torchvision
+    device = pick_device(runtime.device)
+    # CPU: fp32 unless the profile asks otherwise. Measured on SmolLM2-135M here, bf16 halves the prefill time
+    # but does not speed up decoding, and it changes greedy outputs; GPUs use fp16.
+    precision = spec.precision
+    if precision == "auto" and device == "cpu":
+        precision = "fp32"
+    dtype = pick_dtype(precision, device)
+    location = Path(resolution.location)
+    name = spec.name or location.name
+    started = time.perf_counter()
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if location.suffix == ".gguf":
+            folder = _converted_gguf(location, runtime.cache_path)
+        elif resolution.source == "hub":
+            folder = None  # download by name (only reachable when the hub is)
+        else:
+            folder = location
+        source = str(folder) if folder is not None else resolution.location
+        local = folder is not None
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=local)
+    except ModelUnavailableError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types
+        raise ModelUnavailableError(
+            f"cannot load the LLM from {resolution.location}: {type(exc).__name__}: {exc}. {resolution.note}"
+        ) from exc
+    model = model.to(device)
+    logger.info("LLM %s loaded from %s in %.1f s (%s, %s)", name, source, time.perf_counter() - started,
+                device, dtype)
+    return TextGenerator(model, tokenizer, name, device=device)
+
+
+def _converted_gguf(gguf: Path, cache_root: Path) -> Path:
+    """A safetensors folder converted from a GGUF file, made on first use and reused while the file is unchanged."""
+    import transformers
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+                         .encode()).hexdigest()[:16]
+    folder = cache_root / "llm" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return folder
+    logger.info("converting %s to safetensors in %s (once)", gguf.name, folder)
+    model, tokenizer = _load_gguf(gguf)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(f"{folder}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        _save_plain(model, tokenizer, staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)  # a killed conversion never leaves a half-written folder behind
+    except OSError as exc:
+        raise ModelUnavailableError(
+            f"cannot write the converted LLM to {folder}: {exc}; set runtime.cache_dir (MMRAG_RUNTIME__CACHE_DIR) "
+            "to a writable folder") from exc
+    return folder
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as exc:
+        raise ModelUnavailableError(f"reading {gguf.name} needs the gguf package: pip install gguf ({exc})") from exc
+    return model, tokenizer
+
+
+def _save_plain(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save a de-quantised GGUF model as a plain one: transformers refuses to save a model it marked as GGUF."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
