@@ -129,6 +129,8 @@ def resolve(role: str, spec: ModelSpec | None) -> Resolution:
     if spec.path:
         folder = Path(spec.path).expanduser()
         found = _find_file(folder, spec.file) if folder.is_dir() else (folder if folder.is_file() else None)
+        if found is None and folder.is_dir() and spec.file and _package_weights(folder, None) is not None:
+            found = folder  # a model folder where the profile's `file` (e.g. *.gguf for the package) is absent
         if found is None:
             wanted = f"{spec.file!r} in " if spec.file and folder.is_dir() else ""
             return Resolution(role, True, "path", str(folder), False, f"{wanted}{folder} does not exist", optional)
