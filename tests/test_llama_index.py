@@ -12,34 +12,22 @@ import pytest
 SAMPLE_KB = Path(__file__).resolve().parents[1] / "mmrag" / "sample_kb"
 
 
-def _local_llm():
-    """A llama-index CustomLLM over SmolLM2-135M-Instruct (GGUF, dequantised by transformers), greedy."""
-    import torch
+def _local_llm(generator):
+    """A llama-index CustomLLM over the product's SmolLM2-135M-Instruct text generator, greedy."""
     from llama_index.core.llms import CompletionResponse, CustomLLM, LLMMetadata
     from llama_index.core.llms.callbacks import llm_completion_callback
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmrag.config import load_settings
-    from mmrag.models import resolve
-
-    location = Path(resolve("llm", load_settings().models.llm).require().location)
-    tokenizer = AutoTokenizer.from_pretrained(location.parent, gguf_file=location.name)
-    model = AutoModelForCausalLM.from_pretrained(location.parent, gguf_file=location.name).eval()
+    from generation.text import SamplingParams
 
     class SmolLM(CustomLLM):
         @property
         def metadata(self) -> LLMMetadata:
-            return LLMMetadata(context_window=2048, num_output=48, model_name="SmolLM2-135M-Instruct")
+            return LLMMetadata(context_window=2048, num_output=48, model_name=generator.name)
 
         @llm_completion_callback()
         def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
-            ids = tokenizer(chat, return_tensors="pt")
-            with torch.inference_mode():
-                out = model.generate(**ids, max_new_tokens=48, do_sample=False)
-            return CompletionResponse(text=tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
-                                                            skip_special_tokens=True))
+            chat = generator.render([{"role": "user", "content": prompt}])
+            return CompletionResponse(text=generator.complete(chat, SamplingParams(max_new_tokens=48)).text)
 
         @llm_completion_callback()
         def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any):
@@ -50,7 +38,7 @@ def _local_llm():
 
 
 @pytest.mark.slow
-def test_retriever_inside_a_query_engine_with_a_local_llm(tmp_path, text_embedder, tiny_clip):
+def test_retriever_inside_a_query_engine_with_a_local_llm(tmp_path, text_embedder, tiny_clip, llm):
     from llama_index.core.query_engine import RetrieverQueryEngine
     from llama_index.core.schema import ImageNode, TextNode
 
@@ -75,7 +63,7 @@ def test_retriever_inside_a_query_engine_with_a_local_llm(tmp_path, text_embedde
         assert Path(images[0].node.image_path).is_file() and "Mustang" in images[0].node.text
         assert retriever.last_grounded is True
 
-        engine = RetrieverQueryEngine.from_args(MmragRetriever(runtime, k_text=1), llm=_local_llm())
+        engine = RetrieverQueryEngine.from_args(MmragRetriever(runtime, k_text=1), llm=_local_llm(llm))
         response = engine.query("In which year was the Ford Mustang introduced?")
         assert "1964" in str(response)
         assert "17 April 1964" in response.source_nodes[0].node.text
