@@ -1,18 +1,24 @@
-"""``mmrag eval DATASET --retrieval-only``: ingest an eval set's corpus into a dedicated knowledge base, evaluate
-retrieval in every mode, print a table and write ``report.json``.
+"""``mmrag eval DATASET``: ingest an eval set's corpus into a dedicated knowledge base, evaluate retrieval in every
+mode and, unless ``--retrieval-only``, grounded generation; print tables and write ``report.json``.
 
 ``mmrag.cli`` registers the command and prints; the work happens in ``eval_command``:
-  1. check the options (``--retrieval-only`` is required: generation evaluation does not exist yet);
+  1. check the options (``--baseline`` and ``--unanswerable`` belong to generation evaluation; ``--unanswerable``
+     to HaluEval, whose later questions have passages of their own);
   2. load the eval set: ``halueval`` (``--corpus`` = the HaluEval QA ``.jsonl``), ``tuxpaint`` (``--corpus`` = the
      folder holding ``captions.jsonl`` and ``images/``) or a path to a ``.jsonl`` eval set in the schema of
-     ``eval.datasets`` (``--corpus`` = the folder, or file, to ingest; gold paths are relative to it);
+     ``eval.datasets`` (``--corpus`` = the folder, or file, to ingest; gold paths are relative to it). Generation
+     evaluation needs a gold answer per record (tuxpaint has none). With ``--unanswerable M`` the first ``--limit``
+     HaluEval questions (default: all but M) are answerable and the next M whose passages are not among theirs are
+     asked too, without their passages in the corpus (``eval.datasets.halueval_held_out``);
   3. open a knowledge base of its own, so an evaluation never touches the user's: collection ``eval_<name>``, and
      under the embedded store a data dir ``<data dir>/eval/<name>`` (Milvus file, blobs, and the written corpus).
      Image blobs go to a store of their own too (``<blob url>-eval-<name>`` when a blob URL is configured): an
      ingest sweeps every blob its own knowledge base does not reference, so a shared store would lose the user's;
   4. ingest the corpus (unchanged files are skipped on a second run) and remove documents of earlier runs that are
      not in this corpus, so the knowledge base holds exactly the corpus;
-  5. run ``eval.retrieval.run_retrieval_eval`` and write the report.
+  5. run ``eval.retrieval.run_retrieval_eval`` over the answerable records, then (generation) load the LLM and run
+     ``eval.generation.run_generation_eval`` with ``generation.max_new_tokens`` set to ``--max-new-tokens``; write
+     the report (generation under ``"generation"``, its definitions included).
 """
 
 from __future__ import annotations
@@ -28,9 +34,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from eval.datasets import Corpus, EvalRecord, halueval, load_jsonl, resolve_gold, tuxpaint
+from eval.datasets import Corpus, EvalRecord, halueval, halueval_held_out, load_jsonl, resolve_gold, tuxpaint
 from eval.retrieval import DEFAULT_MODES, run_retrieval_eval
-from mmrag.errors import BadInputError, ConfigError, EncoderMismatchError
+from mmrag.errors import BadInputError, EncoderMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ NAMED_DATASETS: dict[str, str] = {
     "tuxpaint": "the Tux Paint stamps folder (captions.jsonl and images/)",
 }
 TABLE_METRICS: tuple[str, ...] = ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@5", "ndcg@10")
+DEFAULT_MAX_NEW_TOKENS = 64  # decoding runs about 15 tokens/s on a 2-core CPU; HaluEval answers are a few words
 RuntimeFactory = Callable[..., Any]
 
 
@@ -72,19 +79,38 @@ def _dataset_name(dataset: str) -> str:
     return (stem or "set")[:40]
 
 
-def _load(dataset: str, corpus: Path | None, limit: int | None) -> tuple[list[EvalRecord], Callable[[Path], Corpus]]:
-    """Records (gold paths relative to the corpus root) and the corpus builder for DATASET."""
+def _halueval_path(corpus: Path) -> Path:
+    corpus = corpus.expanduser()
+    if corpus.is_dir() and (corpus / "qa_dev.jsonl").is_file():
+        corpus = corpus / "qa_dev.jsonl"
+    if not corpus.is_file():
+        raise BadInputError(f"--corpus {str(corpus)!r} is not a file: halueval needs {NAMED_DATASETS['halueval']}")
+    return corpus
+
+
+def _load(dataset: str, corpus: Path | None, limit: int | None, unanswerable: int = 0,
+          ) -> tuple[list[EvalRecord], Callable[[Path], Corpus], list[EvalRecord]]:
+    """Records (gold paths relative to the corpus root), the corpus builder for DATASET, and with ``unanswerable``
+    (HaluEval only) that many later records whose passages the corpus leaves out."""
+    if dataset == "halueval" and corpus is not None and unanswerable:
+        path = _halueval_path(corpus)
+        if limit is None:
+            total = sum(1 for line in path.open(encoding="utf-8") if line.strip() and not line.startswith("#"))
+            limit = max(total - unanswerable, 1)
+        records, build = halueval(path, limit)
+        return records, build, halueval_held_out(path, len(records), unanswerable)
+    records, build = _load_answerable(dataset, corpus, limit)
+    return records, build, []
+
+
+def _load_answerable(dataset: str, corpus: Path | None, limit: int | None,
+                     ) -> tuple[list[EvalRecord], Callable[[Path], Corpus]]:
     if dataset in NAMED_DATASETS:
         if corpus is None:
             raise BadInputError(f"{dataset} needs --corpus PATH: {NAMED_DATASETS[dataset]}")
         corpus = corpus.expanduser()
         if dataset == "halueval":
-            if corpus.is_dir() and (corpus / "qa_dev.jsonl").is_file():
-                corpus = corpus / "qa_dev.jsonl"
-            if not corpus.is_file():
-                raise BadInputError(f"--corpus {str(corpus)!r} is not a file: halueval needs "
-                                    f"{NAMED_DATASETS['halueval']}")
-            return halueval(corpus, limit)
+            return halueval(_halueval_path(corpus), limit)
         if not corpus.is_dir():
             raise BadInputError(f"--corpus {str(corpus)!r} is not a folder: tuxpaint needs {NAMED_DATASETS['tuxpaint']}")
         return tuxpaint(corpus, limit)
@@ -141,29 +167,49 @@ def _ingest(runtime: Any, corpus: Corpus, progress: bool) -> dict[str, Any]:
 
 
 def _summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
-    return {key: value for key, value in report.items() if key != "examples"} | {"report": str(path)}
+    summary = {key: value for key, value in report.items() if key != "examples"}
+    if "generation" in summary:
+        summary["generation"] = {k: v for k, v in summary["generation"].items() if k not in ("examples",
+                                                                                            "definitions")}
+    return summary | {"report": str(path)}
 
 
 def eval_command(runtime_factory: RuntimeFactory, dataset: str, corpus: Path | None, limit: int | None,
-                 out: Path | None, retrieval_only: bool, as_json: bool) -> EvalOutcome:
+                 out: Path | None, retrieval_only: bool, as_json: bool, *, baseline: bool = False,
+                 unanswerable: int = 0, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> EvalOutcome:
     """Run ``mmrag eval``; ``runtime_factory(**overrides)`` builds a ``Runtime`` from the entry point's settings
     with ``load_settings``-style overrides merged in (nested sections key by key)."""
     # 1. Check the options.
-    if not retrieval_only:
-        raise ConfigError("generation evaluation is not available yet; run `mmrag eval DATASET --retrieval-only` "
-                          "to evaluate retrieval")
     if limit is not None and limit < 1:
         raise BadInputError(f"--limit must be at least 1, got {limit}")
+    if unanswerable < 0:
+        raise BadInputError(f"--unanswerable must be at least 0, got {unanswerable}")
+    if max_new_tokens < 1:
+        raise BadInputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if retrieval_only and (baseline or unanswerable):
+        raise BadInputError("--baseline and --unanswerable evaluate generation: drop --retrieval-only")
+    if unanswerable and dataset != "halueval":
+        raise BadInputError("--unanswerable works with halueval (its later questions bring passages of their own); "
+                            f"not with {dataset!r}")
     progress = sys.stderr.isatty() and not as_json
     notes: list[str] = []
 
     # 2. The eval set, its corpus, and gold that names files of that corpus.
     name = _dataset_name(dataset)
-    records, build = _load(dataset, corpus, limit)
+    records, build, held_out = _load(dataset, corpus, limit, unanswerable)
     ungrounded = [r.id for r in records if not (r.gold_sources or r.gold_images)]
     if ungrounded:
         raise BadInputError(f"{len(ungrounded)} record(s) have no gold_sources or gold_images (first: "
                             f"{ungrounded[0]!r}); retrieval evaluation needs to know which files answer each prompt")
+    if not retrieval_only:
+        unanswered = [r.id for r in records if not r.gold_answer]
+        if unanswered:
+            raise BadInputError(f"{len(unanswered)} record(s) have no gold_answer (first: {unanswered[0]!r}); "
+                                "generation evaluation scores answers against it: add gold answers, or evaluate "
+                                "retrieval alone with --retrieval-only")
+    if len(held_out) < unanswerable:
+        notes.append(f"only {len(held_out)} of the {unanswerable} unanswerable questions asked for exist after the "
+                     f"first {len(records)} (later questions whose passage is not in the corpus)")
     base = runtime_factory().settings
     started = datetime.now(timezone.utc)
     built = build(base.data_dir / "eval" / name / "corpus")
@@ -173,9 +219,15 @@ def eval_command(runtime_factory: RuntimeFactory, dataset: str, corpus: Path | N
         raise BadInputError(f"{len(missing)} gold file(s) do not exist, e.g. {missing[0]!r}: gold paths are "
                             f"relative to the corpus ({str(built.root)!r})")
 
-    # 3. A knowledge base of its own.
-    runtime = runtime_factory(**_eval_settings(base, name))
+    # 3. A knowledge base of its own (and, for generation, the answer length set here, not the profile's).
+    overrides = _eval_settings(base, name)
+    if not retrieval_only:
+        overrides["generation"] = {"max_new_tokens": max_new_tokens}
+    runtime = runtime_factory(**overrides)
+    generation: dict[str, Any] | None = None
     with runtime:
+        if not retrieval_only:
+            runtime.models.llm  # noqa: B018 - load it (or fail naming what to install) before the ingest
         if runtime.models.clip is None and any(r.gold_images for r in records):
             notes.append("no CLIP weights found: images are searched through their context text only (for "
                          "stand-alone images, their file name); `mmrag models` says what to configure")
@@ -196,18 +248,25 @@ def eval_command(runtime_factory: RuntimeFactory, dataset: str, corpus: Path | N
 
         # 5. Evaluate.
         result = run_retrieval_eval(runtime, records, modes=DEFAULT_MODES, progress=progress)
+        if not retrieval_only:
+            from eval.generation import run_generation_eval
+
+            generation = run_generation_eval(runtime, records, unanswerable=held_out, baseline=baseline,
+                                             progress=progress)
     for mode, reason in result["skipped"].items():
         notes.append(f"{mode} skipped: {reason}")
 
     report = {
         "dataset": {"name": name, "given": dataset, "source": str(corpus.expanduser().resolve()) if corpus else None,
-                    "records": len(records), "limit": limit},
+                    "records": len(records), "limit": limit, "unanswerable": len(held_out)},
         "created": started.isoformat(timespec="seconds"),
         "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 2),
         "corpus": {"root": str(built.root), **ingested},
         **result,
     }
-    report["config"] = {"retrieval_only": True, "profile": base.profile, **result["config"]}
+    report["config"] = {"retrieval_only": retrieval_only, "profile": base.profile, **result["config"]}
+    if generation is not None:
+        report["generation"] = generation
     folder = out or Path("mmrag-eval") / f"{name}-{started.strftime('%Y%m%d-%H%M%S')}"
     path = folder.expanduser().resolve() / "report.json"
     try:
@@ -220,7 +279,53 @@ def eval_command(runtime_factory: RuntimeFactory, dataset: str, corpus: Path | N
 
 
 def summary_table(outcome: EvalOutcome) -> Any:
-    """A rich table: one row per mode, one column per metric, latency last; skipped modes say why."""
+    """Rich tables: retrieval (one row per mode, one column per metric, latency last; skipped modes say why) and,
+    after a generation evaluation, generation (grounded answers, the baseline, the unanswerable questions)."""
+    from rich.console import Group
+
+    retrieval = _retrieval_table(outcome)
+    if "generation" not in outcome.report:
+        return retrieval
+    return Group(retrieval, _generation_table(outcome))
+
+
+def _generation_table(outcome: EvalOutcome) -> Any:
+    from rich.table import Table
+
+    data = outcome.report["generation"]
+    config = data["config"]
+
+    def cell(value: Any, fmt: str = "{:.3f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    table = Table(title=f"generation on {outcome.report['dataset']['name']} ({config['model']}, "
+                        f"{config['sampling']['max_new_tokens']} new tokens at most)")
+    table.add_column("answers")
+    for column in ("n", "accuracy", "token F1", "cit. precision", "cit. recall", "unsupported", "abstained",
+                   "p50 s"):
+        table.add_column(column, justify="right")
+    rag = data["rag"]
+    table.add_row("grounded", str(rag["n"]), cell(rag["accuracy"]), cell(rag["token_f1"]),
+                  cell(rag["citation_precision"]), cell(rag["citation_recall"]),
+                  cell(rag["unsupported_sentence_rate"]), cell(rag["abstention_rate"]),
+                  cell(rag["latency_s"]["p50"], "{:.2f}"))
+    if "baseline" in data:
+        base = data["baseline"]
+        table.add_row("baseline (no retrieval)", str(base["n"]), cell(base["accuracy"]), cell(base["token_f1"]),
+                      "-", "-", "-", "-", cell(base["latency_s"]["p50"], "{:.2f}"))
+    if "unanswerable" in data:
+        held = data["unanswerable"]
+        reasons = held["by_reason"]
+        table.add_row("unanswerable (passage not ingested)", str(held["n"]), "-", "-", "-", "-", "-",
+                      f"{cell(held['abstention_rate'])} ({cell(reasons['no-grounding'])} threshold, "
+                      f"{cell(reasons['model'])} model)", cell(held["latency_s"]["p50"], "{:.2f}"))
+    table.caption = ("accuracy: gold answer contained in the answer; citation precision: cited chunks from the gold "
+                     "passage; citation recall: answers citing the gold passage; unsupported: sentences without "
+                     "support; definitions in report.json")
+    return table
+
+
+def _retrieval_table(outcome: EvalOutcome) -> Any:
     from rich.table import Table
 
     report = outcome.report

@@ -10,6 +10,9 @@ Adapters
   ``id`` per line). The prompt is the question, the gold answer the right answer, and the corpus the ``knowledge``
   passages: one ``.txt`` file per distinct passage (passages equal up to whitespace are one file, named after the
   first record that has it, ``passage-00012.txt``); a record's gold source is its passage's file.
+- ``halueval_held_out(path, after, n)``: the ``n`` HaluEval questions that follow the first ``after`` and whose
+  passage is not among theirs: questions the corpus of ``halueval(path, after)`` does not answer (generation
+  evaluation asks them to measure abstention). They have a gold answer and no gold sources.
 - ``tuxpaint(folder, limit)``: ``captions.jsonl`` (``image`` relative to the folder, ``caption``, ``category``) and
   the images. The prompt is the caption and the gold image the image file; the corpus is the images themselves,
   ingested as stand-alone images, whose searchable context is their file name in words ("0002_peacock.png" ->
@@ -43,7 +46,8 @@ from mmrag.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Corpus", "CorpusBuilder", "EvalRecord", "halueval", "load_jsonl", "resolve_gold", "tuxpaint"]
+__all__ = ["Corpus", "CorpusBuilder", "EvalRecord", "halueval", "halueval_held_out", "load_jsonl", "resolve_gold",
+           "tuxpaint"]
 
 JSONL_KEYS = frozenset({"id", "prompt", "gold_answer", "gold_sources", "gold_images", "tags"})
 
@@ -213,6 +217,35 @@ def halueval(path: Path, limit: int | None = None) -> tuple[list[EvalRecord], Co
         return Corpus(root=root, files=tuple(written))
 
     return records, build
+
+
+def halueval_held_out(path: Path, after: int, n: int) -> list[EvalRecord]:
+    """Up to ``n`` records after the first ``after`` whose passage none of the first ``after`` records has (their
+    questions are not answered by the corpus of ``halueval(path, after)``), in file order; fewer when the file ends.
+
+    A held-out record keeps its question and right answer, has no gold sources, and is tagged ``unanswerable``."""
+    _check_limit(n)
+    if after < 0:
+        raise BadInputError(f"after must be at least 0, got {after}")
+    seen: set[str] = set()
+    held: list[EvalRecord] = []
+    index = -1
+    for number, data in _read_jsonl(path):
+        where = f"{path}:{number}"
+        index += 1
+        key = _passage_key(_string(data, "knowledge", where) or "")
+        if index < after:
+            seen.add(key)
+            continue
+        if key in seen:  # its passage is in the corpus: answerable after all
+            continue
+        held.append(EvalRecord(id=str(data.get("id") or f"halueval-{index:05d}"),
+                               prompt=_string(data, "question", where) or "",
+                               gold_answer=_string(data, "right_answer", where, required=False),
+                               tags=("halueval", "qa", "unanswerable")))
+        if len(held) >= n:
+            break
+    return held
 
 
 # -- Tux Paint stamps -------------------------------------------------------------------------------------------

@@ -9,14 +9,28 @@ an id counts once, at its first rank, so no metric can exceed 1. Relevance is bi
   ideal list, which puts ``min(k, #gold)`` gold ids first;
 - ``first_gold_rank``: the 1-based rank of the first gold id, or ``None``;
 - ``mean`` and ``percentile`` aggregate per-example values.
+
+Answer metrics (generation evaluation) compare a generated answer with a gold answer after ``normalize_answer``:
+lower case, apostrophes dropped ("Arthur's" -> "arthurs"), every other punctuation character (Unicode category P*,
+so dashes and curly quotes too) and symbol turned into a space, the articles a/an/the removed, whitespace collapsed.
+- ``answer_contains``: 1 when the normalised gold answer occurs in the normalised answer on word boundaries ("1964"
+  is in "introduced in 1964", not in "19645"), else 0;
+- ``token_f1``: SQuAD's token F1: the harmonic mean of precision and recall of the normalised answer's tokens
+  against the gold's, counting shared tokens with multiplicity (1 when both are empty, 0 when one is);
+- ``citation_precision``: the share of cited sources that are gold (``None`` when nothing is cited: no citation,
+  no precision).
 """
 
 from __future__ import annotations
 
 import math
+import re
+import unicodedata
+from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 
-__all__ = ["dedupe", "first_gold_rank", "mean", "ndcg_at_k", "percentile", "recall_at_k", "reciprocal_rank"]
+__all__ = ["answer_contains", "citation_precision", "dedupe", "first_gold_rank", "mean", "ndcg_at_k",
+           "normalize_answer", "percentile", "recall_at_k", "reciprocal_rank", "token_f1"]
 
 
 def _check(gold: Collection[str], k: int | None = None) -> None:
@@ -82,3 +96,45 @@ def percentile(values: Iterable[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(items) - 1)
     return items[low] + (items[high] - items[low]) * (position - low)
+
+
+# -- answers ----------------------------------------------------------------------------------------------------
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_APOSTROPHES = str.maketrans("", "", "'\u2019\u2018\u02bc`")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no apostrophes, other punctuation and symbols as spaces, no articles, single spaces."""
+    text = text.lower().translate(_APOSTROPHES)
+    text = "".join(" " if unicodedata.category(ch)[0] in "PS" else ch for ch in text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def answer_contains(answer: str, gold: str) -> float:
+    """1.0 when the normalised gold answer occurs in the normalised answer on word boundaries, else 0.0."""
+    wanted = normalize_answer(gold)
+    if not wanted:
+        raise ValueError(f"gold answer {gold!r} is empty once normalised")
+    return 1.0 if f" {wanted} " in f" {normalize_answer(answer)} " else 0.0
+
+
+def token_f1(answer: str, gold: str) -> float:
+    """SQuAD token F1 between the normalised answer and gold answer."""
+    predicted = normalize_answer(answer).split()
+    wanted = normalize_answer(gold).split()
+    if not predicted or not wanted:
+        return float(predicted == wanted)
+    shared = sum((Counter(predicted) & Counter(wanted)).values())
+    if shared == 0:
+        return 0.0
+    precision = shared / len(predicted)
+    recall = shared / len(wanted)
+    return 2 * precision * recall / (precision + recall)
+
+
+def citation_precision(cited: Sequence[str], gold: Collection[str]) -> float | None:
+    """Share of the cited sources (one entry per citation) that are gold; ``None`` when nothing is cited."""
+    _check(gold)
+    if not cited:
+        return None
+    return sum(1 for source in cited if source in gold) / len(cited)

@@ -243,18 +243,16 @@ class _Citer:
         tok = self.generator.tokenizer
         text = tok.decode(out_ids, skip_special_tokens=True)
         piece = "" if end else tok.decode([token], skip_special_tokens=True)
-        if self.after_period:  # "in 1964." then a non-digit: it was a full stop, cite after it
+        if self.after_period:  # "... 1964." or "... file." then: a full stop only if whitespace or the end follows
             self.after_period = False
-            if end or not piece[:1].isdigit():
-                return self._uncited(text)
-            return None
+            return self._uncited(text) if end or piece[:1].isspace() else None
         if end:
             return self._uncited(text)
         if _ENDS_SENTENCE.match(piece) and not text.rstrip().endswith((".", "!", "?")):
-            if text[-1:].isdigit() and piece.strip() == ".":  # maybe a decimal point: decide on the next token
+            if piece == piece.rstrip():  # "." alone may be a decimal point or a file name's: decide on the next token
                 self.after_period = True
                 return None
-            return self._uncited(text)
+            return self._uncited(text)  # ".\n", ". ": the sentence ended
         return None
 
     @staticmethod
@@ -349,86 +347,9 @@ def load_text_generator(resolution: "Resolution", spec: "ModelSpec", runtime: "R
             f"cannot load the LLM from {resolution.location}: {type(exc).__name__}: {exc}. {resolution.note}"
         ) from exc
     model = model.to(device)
-    packed = 0
-    if location.suffix == ".gguf" and device == "cpu" and dtype == torch_float32() and \
-            spec.options.get("int4_decode", True):
-        packed = pack_int4_decode(model)
-    logger.info("LLM %s loaded from %s in %.1f s (%s, %s%s)", name, source, time.perf_counter() - started,
-                device, dtype, f", {packed} layers decode from 4-bit weights" if packed else "")
+    logger.info("LLM %s loaded from %s in %.1f s (%s, %s)", name, source, time.perf_counter() - started,
+                device, dtype)
     return TextGenerator(model, tokenizer, name, device=device)
-
-
-def torch_float32() -> Any:
-    import torch
-
-    return torch.float32
-
-
-# -- 4-bit decoding of 4-bit GGUF weights ---------------------------------------------------------------------
-_GROUP = 32  # GGUF's Q4_0/Q4_1 block size along a row
-
-
-def _int4_parts(weight: Any) -> tuple[Any, Any] | None:
-    """(q [N, K] int32 in 0..15, scales_and_zeros [K/32, N, 2]) when ``weight`` is exactly 4-bit per group of 32
-    (w = d * q + m, as Q4_1 stores it), else None."""
-    import torch
-
-    n, k = weight.shape
-    if k % _GROUP:
-        return None
-    groups = weight.detach().float().reshape(n, k // _GROUP, _GROUP)
-    low = groups.amin(-1)
-    step = (groups.amax(-1) - low) / 15
-    step = torch.where(step == 0, torch.ones_like(step), step)
-    q = torch.round((groups - low[..., None]) / step[..., None]).clamp_(0, 15)
-    error = (q * step[..., None] + low[..., None] - groups).abs().amax()
-    if float(error) > 1e-6 * float(groups.abs().amax().clamp(min=1e-12)):
-        return None  # not 4-bit weights (e.g. a Q8_0 or F16 tensor): keep fp32
-    # The kernel computes (q - 8) * scale + zero.
-    scales_zeros = torch.stack([step.t(), (low + 8 * step).t()], dim=-1).contiguous()
-    return q.reshape(n, k).to(torch.int32).contiguous(), scales_zeros
-
-
-def pack_int4_decode(model: Any) -> int:
-    """Give every exactly-4-bit linear layer (as a Q4_0/Q4_1 GGUF file stores them) a 4-bit copy for one-token
-    steps; returns how many got one.
-
-    Decoding one token reads every weight once, so its speed is bound by memory traffic: the 4-bit copy moves an
-    eighth of the fp32 bytes through torch's int4 CPU kernel and holds the same numbers (scales kept in fp32, the
-    check below is exact to 1e-6). Prompts (many rows) keep the fp32 matmul, which is faster there. Layers that are
-    not 4-bit in the file (the tied embedding / output head) keep fp32 throughout.
-    """
-    import torch
-
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        return 0
-    count = 0
-    for module in list(model.modules()):
-        if not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32:
-            continue
-        parts = _int4_parts(module.weight)
-        if parts is None:
-            continue
-        q, scales_zeros = parts
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        module.register_buffer("int4_weight", packed, persistent=False)
-        module.register_buffer("int4_scales_zeros", scales_zeros, persistent=False)
-        module.forward = _int4_forward.__get__(module)
-        count += 1
-    return count
-
-
-def _int4_forward(self: Any, x: Any) -> Any:
-    import torch
-
-    rows = x.numel() // x.shape[-1]
-    if rows > 1 or x.dtype != torch.float32:
-        return torch.nn.functional.linear(x, self.weight, self.bias)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(1, -1), self.int4_weight, _GROUP,
-                                                   self.int4_scales_zeros)
-    if self.bias is not None:
-        y = y + self.bias
-    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _converted_gguf(gguf: Path, cache_root: Path) -> Path:

@@ -241,21 +241,28 @@ def search(
 def eval_(
     dataset: str = typer.Argument(..., help='"halueval", "tuxpaint", or a path to a .jsonl eval set.'),
     retrieval_only: bool = typer.Option(False, "--retrieval-only",
-                                        help="Evaluate retrieval (generation evaluation is not available yet)."),
+                                        help="Evaluate retrieval alone (no LLM, no answers)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="halueval: the QA .jsonl; tuxpaint: the folder "
                                           "with captions.jsonl and images/; a .jsonl set: the folder to ingest."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also answer every question with the same model and "
+                                  "settings without retrieval, and score those answers."),
+    unanswerable: int = typer.Option(0, "--unanswerable", metavar="N", help="halueval: also ask N later questions "
+                                     "whose passages are not ingested, to measure abstention."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N records (and their corpus)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder [default: ./mmrag-eval/NAME-TIME]."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="At most this many new tokens per answer."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: ./mmrag-eval/NAME-TIME)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's summary as JSON."),
 ) -> None:
-    """Evaluate retrieval on an eval set, in a knowledge base of its own; writes report.json."""
+    """Evaluate retrieval and grounded generation on an eval set, in a knowledge base of its own; writes
+    report.json (metric definitions included)."""
     from eval.cli import eval_command, merge_overrides, summary_table
     from mmrag.runtime import Runtime
 
     def runtime_factory(**overrides: Any) -> Any:
         return Runtime(load_settings(**merge_overrides(_State.settings_kwargs, overrides)))
 
-    outcome = eval_command(runtime_factory, dataset, corpus, limit, out_dir, retrieval_only, as_json)
+    outcome = eval_command(runtime_factory, dataset, corpus, limit, out_dir, retrieval_only, as_json,
+                           baseline=baseline, unanswerable=unanswerable, max_new_tokens=max_new_tokens)
     for note in outcome.notes:
         err.print(f"note: {note}", highlight=False, markup=False)
     if as_json:

@@ -303,9 +303,8 @@ def test_cli_eval_halueval(shared, tmp_path):
 
 
 def test_cli_eval_errors(tmp_path):
-    missing_flag = _cli(["eval", "halueval", "--corpus", "x.jsonl"], tmp_path)
-    assert missing_flag.returncode == 3
-    assert missing_flag.stderr.startswith("error: generation evaluation is not available yet")
+    not_a_file = _cli(["eval", "halueval", "--corpus", "x.jsonl"], tmp_path)
+    assert not_a_file.returncode == 5 and "is not a file" in not_a_file.stderr
     no_corpus = _cli(["eval", "halueval", "--retrieval-only"], tmp_path)
     assert no_corpus.returncode == 5 and "halueval needs --corpus PATH" in no_corpus.stderr
     no_folder = _cli(["eval", "tuxpaint", "--retrieval-only", "--corpus", str(tmp_path / "nope")], tmp_path)

@@ -239,25 +239,3 @@ def test_cli_generate_json_shape(tmp_path, llm_cache, llm):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "does not cover" in done.stdout and "abstained" in done.stdout
 
-
-def test_4bit_decoding_reproduces_the_4bit_weights_exactly():
-    """Layers whose weights are 4-bit in groups of 32 (a Q4_1 GGUF) decode through the int4 kernel with the same
-    products as fp32; layers that are not 4-bit keep fp32."""
-    import torch
-
-    from generation.text import pack_int4_decode
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64, bias=False))
-    with torch.no_grad():  # make the first layer's weights Q4_1-like: d * q + m per group of 32
-        q = torch.randint(0, 16, (48, 2, 32)).float()
-        q[..., 0], q[..., 1] = 0, 15
-        d, m = torch.rand(48, 2, 1) * 0.02, torch.randn(48, 2, 1) * 0.05
-        model[0].weight.copy_((d * q + m).reshape(48, 64))
-    x = torch.randn(1, 64)
-    expected = model[0](x)
-    assert pack_int4_decode(model) == 1  # the second layer's random weights are not 4-bit
-    assert hasattr(model[0], "int4_weight") and not hasattr(model[1], "int4_weight")
-    assert torch.allclose(model[0](x), expected, atol=1e-5)
-    batch = torch.randn(5, 64)  # many rows (a prompt) take the fp32 path
-    assert torch.allclose(model[0](batch), torch.nn.functional.linear(batch, model[0].weight, model[0].bias))
