@@ -77,6 +77,7 @@ class TextGenerator:
         self.name = name
         self.device = device
         self._lock = threading.Lock()
+        self._logits_to_keep = True
         config_eos = getattr(model.generation_config, "eos_token_id", None)
         eos: set[int] = set()
         for value in (config_eos, tokenizer.eos_token_id):
@@ -93,6 +94,13 @@ class TextGenerator:
         tok = self.tokenizer
         return frozenset(i for piece, i in tok.get_vocab().items()
                          if any(ch.isalpha() for ch in tok.convert_tokens_to_string([piece])))
+
+    @functools.cached_property
+    def bracket_tokens(self) -> list[int]:
+        """Tokens that open a bracket: masked when the decoder writes the citations itself."""
+        tok = self.tokenizer
+        return sorted(i for piece, i in tok.get_vocab().items()
+                      if tok.convert_tokens_to_string([piece]).strip().startswith("["))
 
     # -- prompts ----------------------------------------------------------------------------------------------
     @property
@@ -196,6 +204,11 @@ class TextGenerator:
         import torch
 
         step = torch.tensor([tokens], device=self.device)
+        if self._logits_to_keep:
+            try:  # only the last position's logits: the output layer over a whole prompt is wasted work
+                return self.model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            except TypeError:
+                self._logits_to_keep = False
         return self.model(step, past_key_values=cache, use_cache=True).logits[0, -1]
 
     def complete(self, prompt: str, params: SamplingParams) -> Completion:
@@ -230,9 +243,7 @@ class _Citer:
         self.after_period = False
         # The decoder writes every marker: the model may not open a bracket itself (left free, small models
         # run on into "[5] [6] [7] ..." after the first marker).
-        vocab = tok.get_vocab()
-        self.banned = sorted({i for piece, i in vocab.items()
-                              if tok.convert_tokens_to_string([piece]).strip().startswith("[")})
+        self.banned = generator.bracket_tokens
 
     def mask(self, logits: Any) -> None:
         if self.banned:
