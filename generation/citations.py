@@ -96,8 +96,7 @@ def check_citations(answer: str, sources: tuple[Source, ...], *, scorer: "Suppor
         if not markers:
             unsupported.append(sentence)
         elif scorer is not None:
-            evidence = [by_n[n].chunk.context if by_n[n].chunk.modality == "image" else by_n[n].chunk.text
-                        for n in dict.fromkeys(markers)]
+            evidence = [by_n[n].chunk.search_text for n in dict.fromkeys(markers)]
             if scorer.score(_MARKER.sub("", sentence), evidence) < min_support:
                 unsupported.append(sentence)
     return CitationCheck(text, tuple(cited.values()), tuple(dict.fromkeys(removed)), tuple(unsupported),

@@ -136,7 +136,7 @@ class GroundedGenerator:
                              max_prompt_tokens=self.settings.max_prompt_tokens)
         if self.settings.citation_mode == "constrained" and built.sources:
             params = dataclasses.replace(params, cite_evidence=tuple(
-                s.chunk.context if s.chunk.modality == "image" else s.chunk.text for s in built.sources))
+                s.chunk.search_text for s in built.sources))
         return self._run(built, grounding, params, retrieve_s, started)
 
     def stream_baseline(self, prompt: str, params: SamplingParams | None = None) -> GenerationStream:

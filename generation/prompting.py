@@ -84,7 +84,7 @@ class Source:
 
     @property
     def snippet(self) -> str:
-        text = self.chunk.context if self.chunk.modality == "image" else self.chunk.text
+        text = self.chunk.search_text
         return " ".join(text.split())[:200]
 
 
@@ -119,7 +119,7 @@ def _render_source(template: PromptTemplate, source: Source, control: list[str],
     chunk = source.chunk
     page = template.page.format(page=chunk.page) if chunk.page is not None else ""
     name = Path(source.hit.source).name if source.hit.source else chunk.doc_id
-    body = clean(chunk.context if chunk.modality == "image" else chunk.text, control)
+    body = clean(chunk.search_text, control)
     if len(body) > max_chars:
         body = body[:max_chars].rsplit(" ", 1)[0] + " ..."
     fmt = template.image if chunk.modality == "image" else template.passage

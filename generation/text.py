@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +58,6 @@ class Completion:
     finish_reason: str | None = None  # "stop" (end of turn or stop string) | "length" | "cancelled"
     first_token_s: float | None = None  # seconds from the call to the first token
     total_s: float = 0.0
-    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -236,7 +235,6 @@ class _Citer:
     def __init__(self, generator: "TextGenerator", evidence: tuple[str, ...]) -> None:
         from generation.support import LexicalSupportScorer
 
-        tok = generator.tokenizer
         self.generator = generator
         self.evidence = evidence
         self.scorer = LexicalSupportScorer()
