@@ -134,6 +134,9 @@ class GroundedGenerator:
         llm = self.runtime.models.llm
         built = build_prompt(self.template, grounding, prompt, llm, max_source_chars=self.settings.max_source_chars,
                              max_prompt_tokens=self.settings.max_prompt_tokens)
+        # A model that starts writing the source block's tags is echoing the prompt, not answering: stop there.
+        params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, "<sources>", "</sources>",
+                                                                       "<source"))))
         if self.settings.citation_mode == "constrained" and built.sources:
             params = dataclasses.replace(params, cite_evidence=tuple(
                 s.chunk.search_text for s in built.sources))
