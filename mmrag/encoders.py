@@ -7,6 +7,7 @@ called by ``mmrag.models.ModelSet`` on first use; the classes also accept pre-bu
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from dataclasses import dataclass
@@ -208,15 +209,76 @@ class ClipEncoder:
         return np.concatenate(out)
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors for texts, in input order.
+
+        CLIP pads every text to its 77-token context, yet most texts here are far shorter (an image's context is
+        often a few words). Where the text tower is causal and pools at the end-of-text token, no position after
+        that token can change the pooled vector, so each batch runs only up to its longest text (texts sorted by
+        length, so batches hold similar lengths). Other text towers run whole."""
         import torch
 
-        out = [np.zeros((0, self.signature.dim), dtype=np.float32)]
+        out = np.zeros((len(texts), self.signature.dim), dtype=np.float32)
+        if not texts:
+            return out
+        tokens = self.tokenizer(list(texts))
+        lengths = self._text_lengths(tokens)
+        order = np.argsort(lengths.numpy(), kind="stable") if lengths is not None else np.arange(len(texts))
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start:start + self.batch_size])).to(self.device)
+            rows = torch.from_numpy(order[start:start + self.batch_size])
+            batch = tokens[rows]
             with torch.inference_mode():
-                features = self.model.encode_text(tokens)
-            out.append(_normalise(features.float().cpu().numpy()))
-        return np.concatenate(out)
+                if lengths is None:
+                    features = self.model.encode_text(batch.to(self.device))
+                else:
+                    features = self._encode_text_prefix(batch[:, :int(lengths[rows].max())].to(self.device))
+            out[rows.numpy()] = _normalise(features.float().cpu().numpy())
+        return out
+
+    def _text_lengths(self, tokens: "torch.Tensor") -> "torch.Tensor | None":
+        """Per text, the positions up to and including its end-of-text token; None where a prefix is not exact."""
+        model = self.model
+        pool = getattr(model, "text_pool_type", None)
+        if not self._causal_text or tokens.ndim != 2:
+            return None
+        if pool == "argmax":
+            end = tokens.argmax(dim=-1)
+        else:
+            eos = getattr(model, "text_eos_id", None)
+            if eos is None:
+                return None
+            end = (tokens == eos).int().argmax(dim=-1)
+        return end + 1
+
+    @functools.cached_property
+    def _causal_text(self) -> bool:
+        """Whether the text tower is open_clip's ``CLIP`` text transformer with a causal mask and end-token pooling."""
+        import torch
+
+        model = self.model
+        mask = getattr(model, "attn_mask", None)
+        if (mask is None or getattr(model, "text_pool_type", None) not in ("argmax", "eos")
+                or not hasattr(model, "token_embedding") or getattr(model, "text_projection", None) is None
+                or mask.ndim != 2 or mask.shape[0] != mask.shape[1]):
+            return False
+        causal = torch.triu(torch.ones(mask.shape, dtype=torch.bool), diagonal=1)
+        return bool(torch.equal(torch.isinf(mask.cpu()) & (mask.cpu() < 0), causal))
+
+    def _encode_text_prefix(self, tokens: "torch.Tensor") -> "torch.Tensor":
+        """open_clip's ``CLIP.encode_text`` over the first ``tokens.shape[1]`` positions only."""
+        import torch
+        from open_clip.transformer import text_global_pool
+
+        model = self.model
+        length = tokens.shape[1]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast)
+        x = x + model.positional_embedding[:length].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+        x = model.ln_final(x)
+        x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
 
 
 def load_text_embedder(resolution: "Resolution", spec: "ModelSpec", runtime: "RuntimeSection") -> SentenceTransformerEmbedder:

@@ -87,6 +87,24 @@ def test_split_preprocessing_equals_the_models_own_transform(tiny_clip):
                                atol=1e-5)
 
 
+def test_clip_text_vectors_equal_the_full_context_pass_in_input_order(tiny_clip):
+    """Texts run only up to their batch's longest text; the vectors must equal the 77-position pass, row for row."""
+    import torch
+
+    texts = ["peacock", "a red vintage car from the 1960s with chrome bumpers", "word " * 120, "", "ship", "a b c"]
+    texts = texts * 7  # more than one batch, lengths interleaved so sorting reorders them
+    tiny_clip.batch_size = 8
+    try:
+        fast = tiny_clip.encode_texts(texts)
+    finally:
+        tiny_clip.batch_size = 32
+    assert tiny_clip._causal_text
+    with torch.inference_mode():
+        full = torch.nn.functional.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)).float(), dim=-1)
+    np.testing.assert_allclose(fast, full.numpy(), atol=1e-5)
+    assert tiny_clip.encode_texts([]).shape == (0, tiny_clip.signature.dim)
+
+
 def test_unreadable_image_is_a_bad_input(tiny_clip):
     with pytest.raises(BadInputError, match="unreadable image"):
         tiny_clip.encode_images([b"\x89PNG\r\n\x1a\n broken"])
