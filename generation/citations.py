@@ -91,7 +91,7 @@ def check_citations(answer: str, sources: tuple[Source, ...], *, scorer: "Suppor
             if n not in cited:
                 s = by_n[n]
                 cited[n] = Citation(n, s.chunk.id, s.hit.source, s.chunk.page, s.chunk.modality, s.snippet)
-        if not _states_something(sentence):
+        if not states_something(sentence):
             continue
         if not markers:
             unsupported.append(sentence)
@@ -107,6 +107,7 @@ def _markers(text: str) -> tuple[int, ...]:
     return tuple(n for m in _MARKER.finditer(text) for n in _numbers(m.group(1)))
 
 
-def _states_something(sentence: str) -> bool:
+def states_something(sentence: str) -> bool:
+    """Whether a sentence makes a claim that needs a citation: three words or more, or any number."""
     words = _WORD.findall(_MARKER.sub("", sentence))
     return len(words) >= 3 or any(ch.isdigit() for ch in sentence)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from generation.citations import states_something  # the decoder cites what the check would flag
 from mmrag.errors import BadInputError, ModelUnavailableError
 
 if TYPE_CHECKING:
@@ -268,7 +269,7 @@ class _Citer:
     def _uncited(text: str) -> str | None:
         last = _SENTENCE_END.split(text.rstrip())[-1] if text.strip() else ""
         last = re.sub(r"^[.!?]+", "", last)
-        if len(re.findall(r"[^\W_]+", last)) >= 3 and not _CITED.search(last):
+        if states_something(last) and not _CITED.search(last):
             return last
         return None
 
