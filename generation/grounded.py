@@ -43,7 +43,9 @@ class GroundedText:
     model: str = ""
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
-    images: tuple[Any, ...] = ()
+    images: tuple[Any, ...] = ()  # generation.image.GeneratedImage records
+    image_notes: tuple[str, ...] = ()  # skipped references, mode fallbacks, why no image was made
+    image_error: str | None = None  # what stopped image generation (the text is unaffected)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,7 +62,14 @@ class GroundedText:
             "model": self.model,
             "finish_reason": self.finish_reason,
             "usage": self.usage,
+            "image_notes": list(self.image_notes),
+            "image_error": self.image_error,
         }
+
+    def with_images(self, outcome: Any) -> "GroundedText":
+        """This answer with the images (and notes, error) of a ``generation.image.ImageOutcome``."""
+        return dataclasses.replace(self, images=tuple(outcome.images), image_notes=tuple(outcome.notes),
+                                   image_error=outcome.error_message)
 
 
 class GenerationStream:
@@ -151,6 +160,13 @@ class GroundedGenerator:
 
     def generate(self, prompt: str, **kwargs: Any) -> GroundedText:
         return self.stream(prompt, **kwargs).result
+
+    def images(self, prompt: str, grounding: Grounding | None, request: Any = None) -> Any:
+        """Reference-guided images for the prompt from the same grounding (``generation.image.generate_images``);
+        returns an ``ImageOutcome`` whose error, if any, never affects the text."""
+        from generation.image import generate_images
+
+        return generate_images(self.runtime, prompt, grounding, request)
 
     # -- internals --------------------------------------------------------------------------------------------
     def _abstain(self, grounding: Grounding, retrieve_s: float) -> GenerationStream:

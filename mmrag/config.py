@@ -133,6 +133,37 @@ class GenerationSection(_Section):
     min_support: float = Field(default=0.5, ge=0.0, le=1.0)
 
 
+class ImageSection(_Section):
+    """Reference-guided image generation (``generation.image``); the model is ``[models.image_generator]``."""
+
+    mode: Literal["auto", "ip-adapter", "img2img", "text"] = "auto"
+    references: int = Field(default=2, ge=0, le=16)  # at most this many reference images guide a picture
+    # A retrieved image guides the picture when its context text's dense cosine, or its CLIP text->image cosine,
+    # reaches these; below both, the picture follows the prompt alone (text mode, and the result says so).
+    reference_threshold: float = Field(default=0.35, ge=-1.0, le=1.0)
+    reference_clip_threshold: float = Field(default=0.25, ge=-1.0, le=1.0)
+    # CPU-sensible defaults for few-step models (SD-Turbo): one step, no classifier-free guidance, 512 px.
+    steps: int = Field(default=1, ge=1, le=200)
+    width: int = Field(default=512, ge=64, le=2048)
+    height: int = Field(default=512, ge=64, le=2048)
+    guidance_scale: float = Field(default=0.0, ge=0.0, le=30.0)  # > 1 enables classifier-free guidance
+    negative_prompt: str = ""  # used with guidance_scale > 1
+    strength: float = Field(default=0.5, gt=0.0, le=1.0)  # img2img: how far from the reference the picture moves
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=2.0)  # how strongly the references steer
+    enrich: bool = True  # add the references' context and passage facts to the image prompt
+    max_facts: int = Field(default=3, ge=0, le=20)  # top passages a fact may come from
+    max_reference_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_reference_pixels: int = Field(default=40_000_000, ge=1)
+    out_dir: Path | None = None  # None: <data dir>/images
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (the autoencoder works on 8x8 pixel blocks)")
+        return value
+
+
 class RuntimeSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = None  # None: every core the process may use
@@ -148,6 +179,45 @@ class RuntimeSection(_Section):
         return Path(base) / "mmrag"
 
 
+class ApiKeySpec(_Section):
+    """One API key, stored as a hash (``mmrag api-key`` prints a new key and this line), bound to a tenant."""
+
+    hash: str  # "sha256:<hex>" or "scrypt:<n>:<r>:<p>:<salt hex>:<hash hex>"
+    tenant: str = "default"
+    name: str | None = None  # a label for logs, never the key itself
+
+    @field_validator("hash")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0]
+        if scheme not in ("sha256", "scrypt") or ":" not in value:
+            raise ValueError("an API key hash must start with sha256: or scrypt: (mmrag api-key prints one)")
+        return value
+
+
+class ApiSection(_Section):
+    """``mmrag serve``: keys, tenancy and limits of the HTTP API."""
+
+    keys: list[ApiKeySpec] = Field(default_factory=list)
+    # None: on when keys are configured. Without auth every request is the settings' tenant, and only loopback
+    # clients are served (``mmrag serve`` refuses any other bind address).
+    auth: bool | None = None
+    upload_dir: Path | None = None  # None: <data dir>/uploads (one folder per tenant below it)
+    server_root: Path | None = None  # server-side paths (documents by path, eval sets) must lie inside it
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=32 * 1024 * 1024, ge=1)  # per uploaded file
+    max_files: int = Field(default=32, ge=1)  # per upload request
+    max_image_pixels: int = Field(default=16_000_000, ge=1)  # query images
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_k: int = Field(default=50, ge=1)
+    max_new_tokens: int = Field(default=512, ge=1)
+    max_concurrent_generations: int = Field(default=1, ge=1)
+    max_queued_generations: int = Field(default=8, ge=0)  # waiting beyond the running ones; more get 429
+    queue_timeout_s: float = Field(default=60.0, gt=0)
+    retry_after_s: int = Field(default=5, ge=1)
+    max_eval_records: int = Field(default=200, ge=1)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMRAG_", env_nested_delimiter="__", extra="forbid")
 
@@ -161,6 +231,8 @@ class Settings(BaseSettings):
     retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
     generation: GenerationSection = Field(default_factory=GenerationSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    image: ImageSection = Field(default_factory=ImageSection)
+    api: ApiSection = Field(default_factory=ApiSection)
 
     @classmethod
     def settings_customise_sources(

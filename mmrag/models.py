@@ -169,10 +169,15 @@ class ModelSet:
     """
 
     def __init__(self, settings: Settings, *, clip: "ClipEncoder | None" = None,
-                 text_embedder: "TextEmbedder | None" = None, reranker: Any = None, llm: Any = None) -> None:
+                 text_embedder: "TextEmbedder | None" = None, reranker: Any = None, llm: Any = None,
+                 support_scorer: Any = None, image_generator: Any = None) -> None:
         self.settings = settings
         self._lock = threading.RLock()
         self._loaded: dict[str, Any] = {}
+        if image_generator is not None:
+            self._loaded["image_generator"] = image_generator
+        if support_scorer is not None:
+            self._loaded["support_scorer"] = support_scorer
         if reranker is not None:
             self._loaded["reranker"] = reranker
         if llm is not None:
@@ -231,6 +236,38 @@ class ModelSet:
             return load_cross_encoder(res, spec, self.settings.runtime)
 
         return self._load("reranker", load)
+
+    @property
+    def support_scorer(self) -> Any:
+        """The ``generation.support.SupportScorer`` the profile configures (``backend = "lexical"``, or a
+        cross-encoder by path or hub name); the lexical scorer when the role is not configured."""
+
+        def load() -> Any:
+            from generation.support import load_support_scorer
+
+            spec = self.settings.models.support_scorer
+            res = None if spec is None or spec.backend else self.resolution("support_scorer")
+            return load_support_scorer(res, spec, self.settings.runtime)
+
+        return self._load("support_scorer", load)
+
+    @property
+    def image_generator(self) -> Any:
+        """The image generator (``generation.image.ImageGenerator``); an unconfigured or unresolved role raises
+        ``ModelUnavailableError`` naming what to configure (text generation goes on without it)."""
+
+        def load() -> Any:
+            spec = self.settings.models.image_generator
+            if spec is None:
+                raise ModelUnavailableError(f"no image generator is configured: {_HINTS['image_generator']}")
+            res = self.resolution("image_generator")
+            if not res.available:
+                raise ModelUnavailableError(f"image generation is unavailable: {res.note}")
+            from generation.image import load_image_generator
+
+            return load_image_generator(res, spec, self.settings.runtime)
+
+        return self._load("image_generator", load)
 
     @property
     def clip(self) -> "ClipEncoder | None":

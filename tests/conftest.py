@@ -180,3 +180,11 @@ def save_clip_folder(encoder, folder: Path) -> Path:
     state = {k: v.float().contiguous() for k, v in encoder.model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random diffusers folders (see tests/tinydiffusion.py), built once per session."""
+    from tests.tinydiffusion import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
