@@ -27,7 +27,8 @@ Adapters
        "tags": ["cars"]}                  optional
 
   Paths are relative to the corpus folder (the one that is ingested) or absolute. Blank lines and lines starting
-  with ``#`` are skipped; unknown keys are an error (they are usually a typo of a known one).
+  with ``#`` are skipped; unknown keys are an error (they are usually a typo of a known one). ``mmrag eval`` reports
+  each bad line (``file:line: reason``) and runs the others.
 
 With ``limit``, the first ``limit`` records are taken and the corpus holds only their passages or images, so a
 limited run searches a smaller corpus than a full one.
@@ -91,8 +92,9 @@ def _check_limit(limit: int | None) -> None:
         raise BadInputError(f"limit must be at least 1, got {limit}")
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank, non-comment line; BadInputError naming the first bad line."""
+def _read_jsonl(path: Path, problems: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank, non-comment line; BadInputError naming the first bad line, or
+    with ``problems`` given, the bad line's message appended there and the line skipped."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise BadInputError(f"eval set {str(path)!r} does not exist or is not a file")
@@ -108,10 +110,15 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     continue
                 try:
                     data = json.loads(stripped)
-                except json.JSONDecodeError as exc:
-                    raise BadInputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-                if not isinstance(data, dict):
-                    raise BadInputError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
+                    if not isinstance(data, dict):
+                        raise BadInputError(f"{path}:{number}: expected a JSON object, got {type(data).__name__}")
+                except (json.JSONDecodeError, BadInputError) as exc:
+                    error = exc if isinstance(exc, BadInputError) else BadInputError(
+                        f"{path}:{number}: not valid JSON ({exc.msg})")
+                    if problems is None:
+                        raise error from exc
+                    problems.append(str(error))
+                    continue
                 yield number, data
         except UnicodeDecodeError as exc:
             raise BadInputError(f"{path}: not UTF-8 text ({exc.reason})") from exc
@@ -136,36 +143,53 @@ def _strings(data: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
 
 
 # -- generic JSONL ----------------------------------------------------------------------------------------------
-def load_jsonl(path: Path, limit: int | None = None) -> list[EvalRecord]:
-    """Records from a JSONL eval set (schema in the module docstring); gold paths stay as written."""
+def load_jsonl(path: Path, limit: int | None = None, *, problems: list[str] | None = None) -> list[EvalRecord]:
+    """Records from a JSONL eval set (schema in the module docstring); gold paths stay as written.
+
+    A bad line raises ``BadInputError`` naming it (``path:line: reason``); with a ``problems`` list, its message is
+    appended there instead and the other lines still load (an eval set with no good line still raises)."""
     _check_limit(limit)
     records: list[EvalRecord] = []
     seen: set[str] = set()
-    for number, data in _read_jsonl(path):
-        where = f"{path}:{number}"
-        unknown = sorted(set(data) - JSONL_KEYS)
-        if unknown:
-            raise BadInputError(f"{where}: unknown keys {unknown}; the schema has {sorted(JSONL_KEYS)}")
-        record_id = data.get("id", f"line-{number}")
-        if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
-            raise BadInputError(f"{where}: 'id' must be a string, got {record_id!r}")
-        record_id = str(record_id)
-        if record_id in seen:
-            raise BadInputError(f"{where}: duplicate id {record_id!r}")
-        seen.add(record_id)
-        records.append(EvalRecord(
-            id=record_id,
-            prompt=_string(data, "prompt", where) or "",
-            gold_answer=_string(data, "gold_answer", where, required=False),
-            gold_sources=_strings(data, "gold_sources", where),
-            gold_images=_strings(data, "gold_images", where),
-            tags=_strings(data, "tags", where),
-        ))
+    for number, data in _read_jsonl(path, problems):
+        try:
+            record = _jsonl_record(path, number, data, seen)
+        except BadInputError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+            continue
+        seen.add(record.id)
+        records.append(record)
         if limit is not None and len(records) >= limit:
             break
     if not records:
-        raise BadInputError(f"eval set {str(path)!r} holds no records")
+        detail = f": {problems[0]}" + (f" (and {len(problems) - 1} more bad lines)" if len(problems) > 1 else "") \
+            if problems else ""
+        raise BadInputError(f"eval set {str(path)!r} holds no records{detail}")
     return records
+
+
+def _jsonl_record(path: Path, number: int, data: dict[str, Any], seen: set[str]) -> EvalRecord:
+    """One JSONL line as a record; ``BadInputError`` naming the line when it breaks the schema."""
+    where = f"{path}:{number}"
+    unknown = sorted(set(data) - JSONL_KEYS)
+    if unknown:
+        raise BadInputError(f"{where}: unknown keys {unknown}; the schema has {sorted(JSONL_KEYS)}")
+    record_id = data.get("id", f"line-{number}")
+    if not isinstance(record_id, (str, int)) or isinstance(record_id, bool):
+        raise BadInputError(f"{where}: 'id' must be a string, got {record_id!r}")
+    record_id = str(record_id)
+    if record_id in seen:
+        raise BadInputError(f"{where}: duplicate id {record_id!r}")
+    return EvalRecord(
+        id=record_id,
+        prompt=_string(data, "prompt", where) or "",
+        gold_answer=_string(data, "gold_answer", where, required=False),
+        gold_sources=_strings(data, "gold_sources", where),
+        gold_images=_strings(data, "gold_images", where),
+        tags=_strings(data, "tags", where),
+    )
 
 
 # -- HaluEval ---------------------------------------------------------------------------------------------------

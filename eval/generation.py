@@ -22,7 +22,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from mmrag.errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFINITIONS", "run_generation_eval", "score_answer", "strip_citations"]
+__all__ = ["DEFINITIONS", "check_support", "run_generation_eval", "score_answer", "strip_citations"]
 
 DEFINITIONS: dict[str, str] = {
     "accuracy": "share of answerable questions whose answer contains the gold answer (both normalised: lower case, "
@@ -58,6 +58,16 @@ DEFINITIONS: dict[str, str] = {
     "unanswerable": "questions whose passages are not in the knowledge base (HaluEval: later questions whose "
                     "knowledge passage was not ingested); abstaining is the right behaviour there",
     "latency_s": "wall-clock seconds per answer (retrieval + prompt + decoding); p50 is the median",
+    "faithfulness": "per answer that did not abstain: the share of its checked sentences (those with at least one "
+                    "content word, citation markers removed) that the support scorer (models.support_scorer) scores "
+                    "at least generation.min_support against their evidence; averaged over the answers with a "
+                    "checked sentence. Evidence: for a grounded answer, the passages a sentence cites, or every "
+                    "passage the model was given when it cites none; for the baseline, the passages retrieval finds "
+                    "for the same prompt (would the knowledge base back what the model said on its own?)",
+    "hallucination_rate": "share of the answers that did not abstain with at least one checked sentence the "
+                          "support scorer does not support (see faithfulness)",
+    "support scores": "every checked sentence's score, kept per example under 'support' (the report's plots show "
+                      "their distribution)",
 }
 
 _MARKERS = re.compile(r"\s*\[\s*\d+(?:\s*(?:[,;]|-|–|and)\s*\d+)*\s*\]")
@@ -72,6 +82,54 @@ def score_answer(answer: str, gold: str) -> dict[str, float]:
     """Containment and token F1 of an answer (citation markers removed) against the gold answer."""
     text = strip_citations(answer)
     return {"correct": metrics.answer_contains(text, gold), "f1": round(metrics.token_f1(text, gold), 4)}
+
+
+def check_support(scorer: Any, sentences: Sequence[tuple[str, list[str]]], threshold: float,
+                  ) -> list[dict[str, Any]]:
+    """Each (sentence, evidence passages) scored by the support scorer; sentences without a content word are not
+    checked. One entry per checked sentence: ``{"sentence", "score", "supported"}``."""
+    from generation.support import content_words, score_pairs
+
+    checked = [(strip_citations(sentence), evidence) for sentence, evidence in sentences]
+    checked = [(sentence, evidence) for sentence, evidence in checked if content_words(sentence)]
+    scores = score_pairs(scorer, checked) if checked else []
+    return [{"sentence": sentence, "score": round(float(score), 4), "supported": bool(score >= threshold)}
+            for (sentence, _), score in zip(checked, scores)]
+
+
+def _faithfulness(support: list[dict[str, Any]]) -> float | None:
+    value = metrics.faithfulness([s["supported"] for s in support])
+    return None if value is None else round(value, 4)
+
+
+def _rag_support(result: Any, scorer: Any, threshold: float) -> list[dict[str, Any]]:
+    """A grounded answer's sentences against the passages they cite, or every given passage when uncited."""
+    from generation.citations import check_citations
+
+    by_n = {s.n: s.chunk.search_text for s in result.sources}
+    every = list(by_n.values())
+    items = []
+    for sentence, markers in check_citations(result.text, result.sources).sentences:
+        cited = [by_n[n] for n in dict.fromkeys(markers) if n in by_n]
+        items.append((sentence, cited or every))
+    return check_support(scorer, items, threshold)
+
+
+def _baseline_support(text: str, evidence: list[str], scorer: Any, threshold: float) -> list[dict[str, Any]]:
+    from generation.citations import check_citations
+
+    return check_support(scorer, [(sentence, evidence) for sentence, _ in check_citations(text, ()).sentences],
+                         threshold)
+
+
+def _support_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Faithfulness and hallucination rate over the entries that did not abstain."""
+    answered = [e for e in entries if not e.get("abstained") and "support" in e]
+    values = [e["faithfulness"] for e in answered if e["faithfulness"] is not None]
+    rate = metrics.hallucination_rate([[s["supported"] for s in e["support"]] for e in answered])
+    return {"faithfulness": round(metrics.mean(values), 4) if values else None,
+            "hallucination_rate": None if rate is None else round(rate, 4),
+            "checked_sentences": sum(len(e["support"]) for e in answered)}
 
 
 def _latency(values: list[float]) -> dict[str, float] | None:
@@ -189,9 +247,13 @@ def _unanswerable_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_generation_eval(runtime: Any, records: Sequence[EvalRecord], *,
                         unanswerable: Sequence[EvalRecord] = (), baseline: bool = False,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, done: Mapping[str, dict[str, Any]] | None = None,
+                        on_example: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate grounded generation over ``records`` (answerable from the knowledge base already in ``runtime``),
     the no-retrieval ``baseline`` on the same records, and abstention on ``unanswerable`` records.
+
+    ``done`` maps record ids to examples an earlier, interrupted attempt of the same run finished (they are not
+    answered again); ``on_example(id, example)`` is called as each new example finishes.
 
     Returns ``{"config", "definitions", "rag", "baseline" (with ``baseline``), "unanswerable" (when given),
     "examples"}``; the metrics are defined in ``DEFINITIONS``."""
@@ -206,47 +268,64 @@ def run_generation_eval(runtime: Any, records: Sequence[EvalRecord], *,
     if runtime.index.count() == 0:
         raise BadInputError(f"knowledge base {runtime.settings.milvus.collection!r} is empty: ingest the corpus "
                             "before evaluating generation")
+    work = [(r, True) for r in chosen] + [(r, False) for r in held_out]
+    wanted = {r.id for r, _ in work}
+    done = {i: e for i, e in (done or {}).items() if i in wanted and ("baseline" in e) == (baseline and e.get(
+        "answerable", False))}
+    todo = [(r, answerable) for r, answerable in work if r.id not in done]
 
     # 2. Warm up: the LLM's load and first forward pass, and the first search, are not an answer's latency.
     generator = GroundedGenerator(runtime)
     params = generator.params()
     llm = runtime.models.llm
-    generator.stream_baseline(chosen[0].prompt, generator.params(max_new_tokens=2)).result
-    generator.retrieve(Query(text=chosen[0].prompt))
+    scorer = runtime.models.support_scorer
+    threshold = runtime.settings.generation.min_support
+    if todo:
+        generator.stream_baseline(todo[0][0].prompt, generator.params(max_new_tokens=2)).result
+        generator.retrieve(Query(text=todo[0][0].prompt))
 
     # 3. Answer.
-    examples: list[dict[str, Any]] = []
-    rag_entries: list[dict[str, Any]] = []
-    base_entries: list[dict[str, Any]] = []
-    work = [(r, True) for r in chosen] + [(r, False) for r in held_out]
-    for record, answerable in tqdm(work, desc="eval generation", unit="prompt", disable=not progress, leave=False):
+    finished: dict[str, dict[str, Any]] = dict(done)
+    desc = f"eval generation ({len(done)} resumed)" if done else "eval generation"
+    for record, answerable in tqdm(todo, desc=desc, unit="prompt", disable=not progress, leave=False):
         gold = frozenset((*record.gold_sources, *record.gold_images))
         start = time.perf_counter()
         result = generator.generate(record.prompt, query=Query(text=record.prompt), params=params)
         entry = _grounded_entry(result, gold, time.perf_counter() - start, record)
+        if not result.abstained:
+            entry["support"] = _rag_support(result, scorer, threshold)
+            entry["faithfulness"] = _faithfulness(entry["support"])
         example: dict[str, Any] = {"id": record.id, "prompt": record.prompt, "gold_answer": record.gold_answer,
                                    "answerable": answerable, "gold": sorted(gold), "rag": entry}
-        if answerable:
-            rag_entries.append(entry)
-            if baseline:
-                start = time.perf_counter()
-                plain = generator.stream_baseline(record.prompt, params).result
-                seconds = time.perf_counter() - start
-                example["baseline"] = {"text": plain.text, "latency_s": round(seconds, 3),
-                                       "completion_tokens": plain.usage.get("completion_tokens", 0),
-                                       **score_answer(plain.text, record.gold_answer or "")}
-                base_entries.append(example["baseline"])
-        examples.append(example)
-        if len(examples) % 10 == 0 or len(examples) == len(work):
-            logger.info("answered %d/%d prompts", len(examples), len(work))
+        if answerable and baseline:
+            start = time.perf_counter()
+            plain = generator.stream_baseline(record.prompt, params).result
+            seconds = time.perf_counter() - start
+            hits = result.grounding.text_hits if result.grounding is not None else ()
+            evidence = [h.chunk.search_text for h in hits[:runtime.settings.retrieval.k_text]]
+            support = _baseline_support(plain.text, evidence, scorer, threshold)
+            example["baseline"] = {"text": plain.text, "latency_s": round(seconds, 3),
+                                   "completion_tokens": plain.usage.get("completion_tokens", 0),
+                                   **score_answer(plain.text, record.gold_answer or ""),
+                                   "abstained": False, "support": support, "faithfulness": _faithfulness(support),
+                                   "evidence": [h.source for h in hits[:runtime.settings.retrieval.k_text]]}
+        finished[record.id] = example
+        if on_example is not None:
+            on_example(record.id, example)
+        if len(finished) % 10 == 0 or len(finished) == len(work):
+            logger.info("answered %d/%d prompts", len(finished), len(work))
 
-    # 4. Aggregate.
-    result_data: dict[str, Any] = {"rag": _rag_summary(rag_entries)}
+    # 4. Aggregate, from the examples (resumed ones included), in record order.
+    examples = [finished[r.id] for r, _ in work]
+    rag_entries = [e["rag"] for e in examples if e["answerable"]]
+    base_entries = [e["baseline"] for e in examples if e["answerable"] and "baseline" in e]
+    result_data: dict[str, Any] = {"rag": _rag_summary(rag_entries) | _support_summary(rag_entries)}
     if baseline:
         result_data["baseline"] = {
             "n": len(base_entries),
             "accuracy": round(metrics.mean(e["correct"] for e in base_entries), 4),
             "token_f1": round(metrics.mean(e["f1"] for e in base_entries), 4),
+            **_support_summary(base_entries),
             "latency_s": _latency([e["latency_s"] for e in base_entries]),
             "completion_tokens_mean": round(metrics.mean(e["completion_tokens"] for e in base_entries), 1),
         }
@@ -263,9 +342,11 @@ def run_generation_eval(runtime: Any, records: Sequence[EvalRecord], *,
                      "top_p": params.top_p, "seed": params.seed, "repetition_penalty": params.repetition_penalty,
                      "stop": list(params.stop)},
         "max_source_chars": s.generation.max_source_chars, "max_prompt_tokens": s.generation.max_prompt_tokens,
-        "support_scorer": generator.scorer.name, "min_support": s.generation.min_support,
+        "support_scorer": getattr(scorer, "name", type(scorer).__name__), "min_support": s.generation.min_support,
+        "citation_support_scorer": generator.scorer.name,
         "retrieval": {"mode": "hybrid", "k_text": s.retrieval.k_text, "k_image": s.retrieval.k_image,
                       "threshold": s.retrieval.threshold,
                       "reranker": None if runtime.models.reranker is None else type(runtime.models.reranker).__name__},
+        "resumed": len(done),
     }
     return {"config": config, "definitions": DEFINITIONS, **result_data, "examples": examples}

@@ -18,7 +18,18 @@ so dashes and curly quotes too) and symbol turned into a space, the articles a/a
 - ``token_f1``: SQuAD's token F1: the harmonic mean of precision and recall of the normalised answer's tokens
   against the gold's, counting shared tokens with multiplicity (1 when both are empty, 0 when one is);
 - ``citation_precision``: the share of cited sources that are gold (``None`` when nothing is cited: no citation,
-  no precision).
+  no precision);
+- ``citation_recall``: the share of the gold sources that are cited at least once.
+
+Support metrics take, per answer, one flag per checked sentence (supported by its evidence or not):
+- ``faithfulness``: the share of an answer's checked sentences that are supported (``None`` with none checked);
+- ``hallucination_rate``: over answers, the share with at least one unsupported sentence (``None`` for no answers).
+
+Detector metrics score a support scorer as a classifier (labels: 1 = supported/right, 0 = hallucinated):
+- ``auroc``: the probability that a random positive scores above a random negative, ties counting one half
+  (the Mann-Whitney U statistic over #positives x #negatives);
+- ``binary_f1``: F1 of predicted against actual flags (the positive class is whatever ``True`` means to the caller);
+- ``best_threshold``: the threshold that maximises the F1 of detecting negatives as ``score < threshold``.
 """
 
 from __future__ import annotations
@@ -29,8 +40,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
 
-__all__ = ["answer_contains", "citation_precision", "dedupe", "first_gold_rank", "mean", "ndcg_at_k",
-           "normalize_answer", "percentile", "recall_at_k", "reciprocal_rank", "token_f1"]
+__all__ = ["answer_contains", "auroc", "best_threshold", "binary_f1", "citation_precision", "citation_recall",
+           "dedupe", "faithfulness", "first_gold_rank", "hallucination_rate", "mean", "ndcg_at_k", "normalize_answer",
+           "percentile", "recall_at_k", "reciprocal_rank", "token_f1"]
 
 
 def _check(gold: Collection[str], k: int | None = None) -> None:
@@ -138,3 +150,79 @@ def citation_precision(cited: Sequence[str], gold: Collection[str]) -> float | N
     if not cited:
         return None
     return sum(1 for source in cited if source in gold) / len(cited)
+
+
+def citation_recall(cited: Collection[str], gold: Collection[str]) -> float:
+    """Share of the gold sources cited at least once."""
+    _check(gold)
+    wanted = set(gold)
+    return len(wanted & set(cited)) / len(wanted)
+
+
+# -- support ----------------------------------------------------------------------------------------------------
+def faithfulness(supported: Sequence[bool]) -> float | None:
+    """Share of an answer's checked sentences that its evidence supports; ``None`` when no sentence was checked."""
+    if not supported:
+        return None
+    return sum(1 for flag in supported if flag) / len(supported)
+
+
+def hallucination_rate(answers: Sequence[Sequence[bool]]) -> float | None:
+    """Share of the answers with at least one unsupported sentence; ``None`` for no answers."""
+    if not answers:
+        return None
+    return sum(1 for flags in answers if not all(flags)) / len(answers)
+
+
+# -- detectors --------------------------------------------------------------------------------------------------
+def _labelled(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[list[float], list[float]]:
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    positives = [float(s) for s, y in zip(scores, labels) if y]
+    negatives = [float(s) for s, y in zip(scores, labels) if not y]
+    if not positives or not negatives:
+        raise ValueError("AUROC needs at least one positive and one negative label")
+    return positives, negatives
+
+
+def auroc(scores: Sequence[float], labels: Sequence[int | bool]) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties counting 1/2."""
+    positives, negatives = _labelled(scores, labels)
+    # Rank-sum form of the Mann-Whitney U statistic, with average ranks for ties.
+    values = sorted([(s, 1) for s in positives] + [(s, 0) for s in negatives])
+    rank_sum = 0.0
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1][0] == values[i][0]:
+            j += 1
+        average = (i + j) / 2 + 1  # 1-based average rank of the tied block
+        rank_sum += average * sum(label for _, label in values[i:j + 1])
+        i = j + 1
+    n_pos, n_neg = len(positives), len(negatives)
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def binary_f1(predicted: Sequence[bool], actual: Sequence[bool]) -> float:
+    """F1 of the ``True`` class: 2TP / (2TP + FP + FN); 0.0 when there is no true positive."""
+    if len(predicted) != len(actual):
+        raise ValueError(f"{len(predicted)} predictions but {len(actual)} labels")
+    tp = sum(1 for p, a in zip(predicted, actual) if p and a)
+    fp = sum(1 for p, a in zip(predicted, actual) if p and not a)
+    fn = sum(1 for p, a in zip(predicted, actual) if a and not p)
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def best_threshold(scores: Sequence[float], labels: Sequence[int | bool]) -> tuple[float, float]:
+    """(threshold, F1) maximising the F1 of flagging negatives (label 0) as ``score < threshold``; candidate
+    thresholds are the distinct scores and one above the highest. Ties keep the lowest threshold."""
+    _labelled(scores, labels)
+    actual = [not y for y in labels]
+    candidates = sorted(set(float(s) for s in scores))
+    candidates.append(math.nextafter(candidates[-1], math.inf))  # flags every score
+    best = (candidates[0], -1.0)
+    for threshold in candidates:
+        f1 = binary_f1([s < threshold for s in scores], actual)
+        if f1 > best[1]:
+            best = (threshold, f1)
+    return best

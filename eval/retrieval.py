@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +114,13 @@ def _seal(runtime: Runtime) -> None:
 
 def run_retrieval_eval(runtime: Runtime, records: Sequence[EvalRecord], *, k: int = 5,
                        modes: Sequence[str] = DEFAULT_MODES, limit: int | None = None,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, done: Mapping[str, dict[str, Any]] | None = None,
+                       on_example: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate retrieval over ``records`` against the corpus already in ``runtime``'s knowledge base.
+
+    ``done`` maps record ids to examples an earlier, interrupted attempt of the same run finished: they are not
+    searched again, and count in the metrics as recorded. ``on_example(id, example)`` is called as each new example
+    finishes (``eval.runstate`` appends it to the run's JSONL).
 
     Returns ``{"config", "modes": {mode: metrics}, "skipped": {mode: reason}, "examples": [...]}``; the metrics
     of a mode are ``n``, ``recall@1``, ``recall@k``, ``recall@10``, ``mrr``, ``ndcg@k``, ``ndcg@10`` and
@@ -152,17 +157,19 @@ def run_retrieval_eval(runtime: Runtime, records: Sequence[EvalRecord], *, k: in
                             "before evaluating retrieval")
 
     _seal(runtime)
+    done = {i: e for i, e in (done or {}).items() if i in targets and set(e.get("modes", {})) == set(active)}
+    todo = [record for record in chosen if record.id not in done]
 
     # 2. Warm up every mode once (first searches load the collection and the models).
-    first = chosen[0]
-    for mode in active:
-        retriever.retrieve(_query(first, targets[first.id], mode, DEPTH))
+    if todo:
+        first = todo[0]
+        for mode in active:
+            retriever.retrieve(_query(first, targets[first.id], mode, DEPTH))
 
     # 3. Every record in every mode, interleaved.
-    scored: dict[str, list[tuple[str, Sequence[str], frozenset[str]]]] = {m: [] for m in active}
-    latencies: dict[str, list[float]] = {m: [] for m in active}
-    examples: list[dict[str, Any]] = []
-    for record in tqdm(chosen, desc="eval retrieval", unit="prompt", disable=not progress, leave=False):
+    finished: dict[str, dict[str, Any]] = dict(done)
+    desc = f"eval retrieval ({len(done)} resumed)" if done else "eval retrieval"
+    for record in tqdm(todo, desc=desc, unit="prompt", disable=not progress, leave=False):
         example: dict[str, Any] = {
             "id": record.id, "prompt": record.prompt,
             "gold": {t.kind: sorted(t.gold) for t in targets[record.id]}, "modes": {}}
@@ -171,21 +178,31 @@ def run_retrieval_eval(runtime: Runtime, records: Sequence[EvalRecord], *, k: in
             start = time.perf_counter()
             grounding = retriever.retrieve(query)
             elapsed = (time.perf_counter() - start) * 1000.0
-            latencies[mode].append(elapsed)
             entry: dict[str, Any] = {"latency_ms": round(elapsed, 2)}
             for target in targets[record.id]:
                 hits = grounding.text_hits if target.kind == "text" else grounding.image_hits
                 ranked = [hit.source for hit in hits]
-                scored[mode].append((target.kind, ranked, target.gold))
                 entry[target.kind] = {
                     "rank": metrics.first_gold_rank(ranked, target.gold),
                     "retrieved": [{"source": hit.source, "chunk": hit.chunk.id, "score": hit.score}
                                   for hit in hits],
                 }
             example["modes"][mode] = entry
-        examples.append(example)
+        finished[record.id] = example
+        if on_example is not None:
+            on_example(record.id, example)
 
-    # 4. Aggregate.
+    # 4. Aggregate, from the examples (resumed ones included), in record order.
+    examples = [finished[record.id] for record in chosen]
+    scored: dict[str, list[tuple[str, Sequence[str], frozenset[str]]]] = {m: [] for m in active}
+    latencies: dict[str, list[float]] = {m: [] for m in active}
+    for record, example in zip(chosen, examples):
+        for mode in active:
+            entry = example["modes"][mode]
+            latencies[mode].append(entry["latency_ms"])
+            for target in targets[record.id]:
+                scored[mode].append((target.kind, [hit["source"] for hit in entry[target.kind]["retrieved"]],
+                                     target.gold))
     results = {mode: _summary(scored[mode], latencies[mode], k) for mode in active}
     for mode, data in results.items():
         logger.info("%s: recall@%d %.4f, MRR %.4f, p50 %.1f ms", mode, k, data[f"recall@{k}"], data["mrr"],
