@@ -172,17 +172,10 @@ def stats(
 
 
 def grounding_json(grounding: Any, blobs: Any) -> dict[str, Any]:
-    """The shape ``mmrag search --json`` prints (and the HTTP API returns)."""
-    def common(hit: Any) -> dict[str, Any]:
-        return {"id": hit.chunk.id, "doc_id": hit.chunk.doc_id, "source": hit.source, "page": hit.chunk.page,
-                "score": hit.score, "scores": hit.scores}
+    """The shape ``mmrag search --json`` prints (the HTTP API returns the same, see ``mmrag.api.shapes``)."""
+    from mmrag.api.shapes import grounding_json as shape
 
-    return {
-        "text": [common(h) | {"text": h.chunk.text} for h in grounding.text_hits],
-        "images": [common(h) | {"context": h.chunk.context, "blob": blobs.url_of(h.chunk.blob)}
-                   for h in grounding.image_hits],
-        "grounded": grounding.grounded,
-    }
+    return shape(grounding, lambda hit: blobs.url_of(hit.chunk.blob))
 
 
 @app.command()
@@ -239,7 +232,9 @@ def search(
 
 @app.command("eval")
 def eval_(
-    dataset: str = typer.Argument(..., help='"halueval", "tuxpaint", or a path to a .jsonl eval set.'),
+    dataset: list[str] = typer.Argument(..., metavar="DATASET", help='"halueval", "tuxpaint", or a path to a .jsonl '
+                                        'eval set; or `compare A B`: the metric deltas between two runs (report.json '
+                                        'files or run folders).'),
     retrieval_only: bool = typer.Option(False, "--retrieval-only",
                                         help="Evaluate retrieval alone (no LLM, no answers)."),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="halueval: the QA .jsonl; tuxpaint: the folder "
@@ -250,26 +245,59 @@ def eval_(
                                      "whose passages are not ingested, to measure abstention."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N records (and their corpus)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="At most this many new tokens per answer."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: ./mmrag-eval/NAME-TIME)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: ./mmrag-eval/NAME-TIME); a "
+                                           "rerun with the same folder and configuration resumes it."),
+    detector: bool = typer.Option(False, "--detector", help="halueval: measure the support scorer as a "
+                                  "hallucination detector (right vs hallucinated answers), raw and in one sentence "
+                                  "form."),
+    fail_under: list[str] = typer.Option([], "--fail-under", metavar="METRIC=VALUE", help="Exit 9 when METRIC is "
+                                         "below VALUE (repeatable), e.g. retrieval.hybrid.recall@5=0.9."),
+    fail_over: list[str] = typer.Option([], "--fail-over", metavar="METRIC=VALUE", help="Exit 9 when METRIC is "
+                                        "above VALUE (repeatable), e.g. rag.hallucination_rate=0.3."),
+    fresh: bool = typer.Option(False, "--fresh", help="Discard an earlier run in --out instead of resuming it."),
+    images: bool = typer.Option(False, "--images", help="Also generate a picture per prompt with gold images and "
+                                "score it (CLIPScore to the prompt, CLIP-I to the gold images); needs "
+                                "models.image_generator."),
     as_json: bool = typer.Option(False, "--json", help="Print the report's summary as JSON."),
 ) -> None:
     """Evaluate retrieval and grounded generation on an eval set, in a knowledge base of its own; writes
-    report.json (metric definitions included)."""
-    from eval.cli import eval_command, merge_overrides, summary_table
+    report.json and report.html (metric definitions included). `mmrag eval compare A B` prints B - A."""
+    from eval.cli import compare_command, compare_table, eval_command, merge_overrides, summary_table
+    from eval.gate import EXIT_GATE_FAILED
+    from mmrag.errors import BadInputError
     from mmrag.runtime import Runtime
+
+    if dataset[0] == "compare":
+        if len(dataset) != 3:
+            raise BadInputError("usage: mmrag eval compare A B (two report.json files or run folders)")
+        result = compare_command(Path(dataset[1]), Path(dataset[2]))
+        if as_json:
+            _print_json(result)
+        else:
+            out.print(compare_table(result))
+        return
+    if len(dataset) != 1:
+        raise BadInputError(f"mmrag eval takes one DATASET, got {len(dataset)}: {' '.join(dataset)!r} (to compare "
+                            "two runs: mmrag eval compare A B)")
 
     def runtime_factory(**overrides: Any) -> Any:
         return Runtime(load_settings(**merge_overrides(_State.settings_kwargs, overrides)))
 
-    outcome = eval_command(runtime_factory, dataset, corpus, limit, out_dir, retrieval_only, as_json,
-                           baseline=baseline, unanswerable=unanswerable, max_new_tokens=max_new_tokens)
+    outcome = eval_command(runtime_factory, dataset[0], corpus, limit, out_dir, retrieval_only, as_json,
+                           baseline=baseline, unanswerable=unanswerable, max_new_tokens=max_new_tokens,
+                           detector=detector, fail_under=fail_under, fail_over=fail_over, fresh=fresh,
+                           images=images)
     for note in outcome.notes:
         err.print(f"note: {note}", highlight=False, markup=False)
     if as_json:
         _print_json(outcome.summary)
     else:
         out.print(summary_table(outcome))
-        out.print(f"report: {outcome.path}", highlight=False, markup=False)
+        out.print(f"report: {outcome.path} (and report.html)", highlight=False, markup=False)
+    if outcome.failed_gates:
+        for gate in outcome.failed_gates:
+            err.print(f"gate failed: {gate['rule']}: {gate['reason']}", highlight=False, markup=False)
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 SAMPLE_KB = Path(__file__).resolve().parent / "sample_kb"
@@ -330,37 +358,85 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest re
 @app.command()
 def generate(
     prompt: str = typer.Argument(..., help="The question or instruction to answer from the knowledge base."),
-    no_image: bool = typer.Option(False, "--no-image", help="Text only: generate no images."),
+    image: Optional[bool] = typer.Option(None, "--image/--no-image", help="--image: also generate a reference-guided "
+                                         "image, and fail (after the text) when image generation is unavailable; "
+                                         "--no-image: text only [default: an image when an image generator is "
+                                         "available]."),
+    references: Optional[int] = typer.Option(None, "--references", metavar="N", help="At most N reference images "
+                                             "guide the picture [default: the profile's image.references]."),
+    image_mode: Optional[str] = typer.Option(None, "--mode", help="auto | ip-adapter | img2img | text [default: the "
+                                             "profile's image.mode]."),
+    image_dir: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Where images go [default: "
+                                             "<data dir>/images]."),
     k_text: Optional[int] = typer.Option(None, "--k-text", help="Passages to ground on [default: the profile's]."),
     k_image: Optional[int] = typer.Option(None, "--k-image", help="Reference images to ground on."),
     filter_: Optional[str] = typer.Option(None, "--filter", help="Restrict the sources (see `mmrag search`)."),
     tenant: Optional[str] = typer.Option(None, "--tenant"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="At most this many new tokens."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 (default): greedy."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (same seed, same answer)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed, for the text and the image (same seed, "
+                                       "same answer, same picture)."),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the answer, citations and sources as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, citations, sources and images as JSON."),
 ) -> None:
-    """Answer from the knowledge base with [n] citations; abstain when nothing relevant is found."""
+    """Answer from the knowledge base with [n] citations (abstain when nothing relevant is found), and draw a
+    picture guided by the retrieved reference images."""
     from generation.grounded import GroundedGenerator
+    from generation.image import MODES, ImageRequest
+    from mmrag.errors import BadInputError
     from retrieval.retriever import Query
 
+    if image_mode is not None and image_mode not in MODES:
+        raise BadInputError(f"unknown --mode {image_mode!r}: use one of {', '.join(MODES)}")
+    if references is not None and references < 0:
+        raise BadInputError(f"--references must be >= 0, got {references}")
     with _runtime() as runtime:
         generator = GroundedGenerator(runtime)
         params = generator.params(max_new_tokens=max_tokens, temperature=temperature, seed=seed, stop=stop)
+        want_images = image if image is not None else runtime.models.resolution("image_generator").available
+        if want_images and references is not None:  # retrieve at least as many images as may guide the picture
+            k_image = max(k_image if k_image is not None else runtime.settings.retrieval.k_image, references)
         query = Query(text=prompt, k_text=k_text, k_image=k_image,
                       filter=filter_, tenant=tenant)
         stream = generator.stream(prompt, query=query, params=params)
-        if as_json:
-            result = stream.result
-            _print_json(result.to_json())
-            return
-        for piece in stream:  # tokens as they come
-            out.file.write(piece)
-            out.file.flush()
+        if not as_json:
+            for piece in stream:  # tokens as they come
+                out.file.write(piece)
+                out.file.flush()
         result = stream.result
-    out.print()
-    _print_sources(result)
+        if want_images:
+            request = ImageRequest(mode=image_mode, references=references, seed=seed,  # type: ignore[arg-type]
+                                   out_dir=image_dir, progress=sys.stderr.isatty() and not as_json)
+            outcome = generator.images(prompt, result.grounding, request)
+            result = result.with_images(outcome)
+            image_failure = outcome.error
+        else:
+            image_failure = None
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        out.print()
+        _print_sources(result)
+        _print_images(result, insisted=bool(image))
+    if image and image_failure is not None:  # --image insisted: the text is out, the exit code says why no image
+        if as_json:
+            err.print(f"error: no image: {image_failure}", highlight=False, markup=False)
+        raise typer.Exit(exit_code(image_failure))
+
+
+def _print_images(result: Any, *, insisted: bool) -> None:
+    for image in result.images:
+        guided = (f"guided by {len(image.references)} reference image(s): {', '.join(image.references)}"
+                  if image.references else "from the prompt alone")
+        out.print(f"\nImage ({image.mode}, seed {image.seed}, {guided}):\n  {image.path}", highlight=False,
+                  markup=False)
+        out.print(f"  image prompt: {image.enriched_prompt}", highlight=False, markup=False)
+    for note in result.image_notes:
+        if insisted or result.images:
+            err.print(f"note: {note}", highlight=False, markup=False)
+    if result.image_error:
+        err.print(f"{'error' if insisted else 'note'}: no image: {result.image_error}", highlight=False,
+                  markup=False)
 
 
 def _print_sources(result: Any) -> None:
@@ -412,6 +488,68 @@ def _models_table(profile: str, resolutions: list) -> None:
         if r.role == "clip" and not r.available:
             note += ". Images are still ingested and found through their context text."
         out.print(f"{r.role}: {note}", highlight=False, markup=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (auth must be on for non-loopback)."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Worker processes (more than one needs a Milvus "
+                                                            "server: --milvus-uri)."),
+) -> None:
+    """Serve the HTTP API and the playground page (models load once per worker, at start)."""
+    from mmrag.api.auth import Authenticator, is_loopback
+    from mmrag.errors import ConfigError
+
+    settings = load_settings(**_State.settings_kwargs)
+    auth = Authenticator(settings)  # auth on without keys is a ConfigError naming `mmrag api-key`
+    if not auth.enabled and not is_loopback(host):
+        raise ConfigError(f"refusing to serve on {host} without API keys: add keys under [api] keys "
+                          "(`mmrag api-key --tenant NAME` prints one), or bind --host 127.0.0.1")
+    if workers > 1 and settings.milvus.uri is None:
+        raise ConfigError(f"--workers {workers} needs a Milvus server: the embedded milvus-lite admits one process "
+                          "per data dir. Pass --milvus-uri http://HOST:19530 (docker compose up -d milvus), or "
+                          "serve with --workers 1")
+    import uvicorn
+
+    if not auth.enabled:
+        err.print("note: API keys are off; serving loopback clients only", highlight=False, markup=False)
+    err.print(f"mmrag API and playground on http://{host}:{port}/ (docs at /docs)", highlight=False, markup=False)
+    if workers == 1:
+        from mmrag.api.app import create_app
+
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info" if _State.verbose else "warning")
+        return
+    # Worker processes rebuild the same settings from the environment.
+    given = _State.settings_kwargs
+    if given.get("data_dir"):
+        os.environ["MMRAG_DATA_DIR"] = str(given["data_dir"])
+    if given.get("profile"):
+        os.environ["MMRAG_PROFILE"] = str(given["profile"])
+    os.environ["MMRAG_MILVUS__URI"] = str(settings.milvus.uri)
+    uvicorn.run("mmrag.api.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level="info" if _State.verbose else "warning")
+
+
+@app.command("api-key")
+def api_key(
+    tenant: str = typer.Option("default", "--tenant", help="The tenant the key is bound to."),
+    name: Optional[str] = typer.Option(None, "--name", help="A label for the key (logged, never the key)."),
+    scheme: str = typer.Option("sha256", "--scheme", help="sha256 (random keys) or scrypt."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Make a new API key: prints the key (give it to the client) and the hash to put in the profile."""
+    from mmrag.api.auth import hash_key, new_key
+
+    key = new_key()
+    hashed = hash_key(key, scheme)
+    if as_json:
+        _print_json({"key": key, "hash": hashed, "tenant": tenant, "name": name})
+        return
+    out.print(f"key (shown once; give it to the client): {key}", highlight=False, markup=False, soft_wrap=True)
+    out.print("add to your profile:", highlight=False, markup=False)
+    lines = ["[[api.keys]]", f'hash = "{hashed}"', f'tenant = "{tenant}"'] + ([f'name = "{name}"'] if name else [])
+    out.print("\n".join(lines), highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -56,3 +56,31 @@ def test_docker_compose_parses_the_file_when_installed():
     run = subprocess.run([binary, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], capture_output=True,
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
+
+
+def test_compose_api_service_serves_with_keys_on_the_milvus_server(monkeypatch):
+    """The `api` service runs `mmrag serve` on every interface with several workers, which the API allows only with
+    a Milvus server and API keys: its environment must give both, and blobs in MinIO."""
+    from mmrag.api.auth import Authenticator, hash_key
+
+    service = _compose()["services"]["api"]
+    command = service["command"]
+    assert command[:1] == ["serve"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert service["depends_on"]["milvus"]["condition"] == "service_healthy"
+    assert "readyz" in " ".join(service["healthcheck"]["test"])
+    assert any(str(port).endswith(":8000") for port in service["ports"])
+    keys = f'[{{"hash": "{hash_key("example-key")}", "tenant": "acme"}}]'
+    for key, value in service["environment"].items():
+        if key.startswith("MMRAG_"):
+            monkeypatch.setenv(key, value.replace("${MINIO_ACCESS_KEY:-minioadmin}", "minioadmin")
+                               .replace("${MINIO_SECRET_KEY:-minioadmin}", "minioadmin")
+                               .replace("${MMRAG_API_KEYS:-[]}", keys))
+    settings = load_settings()
+    assert settings.milvus_uri == "http://milvus:19530" and settings.blob_url.startswith("s3://")
+    assert Authenticator(settings).enabled and settings.api.keys[0].tenant == "acme"
+    assert str(settings.api.server_root) == "/kb"
+
+
+def test_dockerfile_exposes_the_api_and_documents_the_gpu_variant():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "EXPOSE 8000" in text and "ARG TORCH_INDEX" in text and "--gpus all" in text
