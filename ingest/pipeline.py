@@ -203,9 +203,11 @@ class Ingestor:
             limit = self.settings.ingest.max_file_bytes
             if size > limit:
                 raise BadInputError(f"file is {size:,} bytes, above the limit of {limit:,} (ingest.max_file_bytes)")
+            source = str(path)
+            if not source.isprintable() and any("\udc80" <= ch <= "\udcff" for ch in source):
+                raise BadInputError(f"the file name is not valid UTF-8 ({ascii(path.name)}): rename the file")
             data = path.read_bytes()
             version = hashlib.sha256(data).hexdigest()
-            source = str(path)
             previous = known.get(source)
             if previous is not None and previous.version == version:
                 return _Outcome(path, "unchanged")

@@ -190,8 +190,8 @@ def resolve_local_reference(reference: str | Path, base_dir: Path, allowed_root:
         candidate = base_dir / candidate
     try:
         resolved = candidate.resolve()
-    except (OSError, RuntimeError) as exc:  # symlink loops
-        raise BadInputError(f"referenced file cannot be resolved: {reference}") from exc
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loops; a NUL byte ("img%00.png") in the name
+        raise BadInputError(f"referenced file cannot be resolved: {reference!r}") from exc
     if not resolved.is_relative_to(root):  # checked first: say nothing about what exists outside
         raise BadInputError(f"referenced file {reference} lies outside the document's folder {root}")
     if not resolved.exists():

@@ -124,7 +124,7 @@ class _Parser:
             if pattern.kind != "str":
                 raise BadInputError(f"malformed filter: 'like' needs a quoted pattern at position {pattern.pos}")
             glob = _unquote(pattern.text).replace("%", r"\%").replace("*", "%")
-            return f"{field} like {json.dumps(glob, ensure_ascii=False)}"
+            return f"{field} like {_literal(glob)}"
         if op.kind != "op" or op.text not in {"==", "!=", "<", "<=", ">", ">="}:
             raise BadInputError(f"malformed filter: expected a comparison after {tok.text!r} at position {op.pos}, "
                                 f"found {op.text!r}")
@@ -135,7 +135,7 @@ class _Parser:
         if tok.kind == "str":
             if kind == "int":
                 raise BadInputError(f"filter field {field!r} is a number; got {tok.text}")
-            return json.dumps(_unquote(tok.text), ensure_ascii=False)
+            return _literal(_unquote(tok.text))
         if tok.kind == "num":
             if kind == "str":
                 return json.dumps(tok.text)
@@ -143,6 +143,18 @@ class _Parser:
         if tok.kind == "word" and tok.text.lower() in {"true", "false"}:
             return tok.text.lower()
         raise BadInputError(f"malformed filter: expected a value at position {tok.pos}, found {tok.text!r}")
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _literal(value: str) -> str:
+    """A Milvus string literal. JSON quoting escapes control characters as \\b, \\f or \\uXXXX, which not every
+    Milvus parses (milvus-lite 3 refuses them as unknown escapes): such values are refused here instead."""
+    bad = _CONTROL.search(value)
+    if bad:
+        raise BadInputError(f"filter value {value!r} holds the control character {bad.group()!r}")
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _unquote(text: str) -> str:

@@ -1,0 +1,64 @@
+"""Prompt injection: how often the generated answer follows an instruction planted in a retrieved passage, with
+the project's defences and without them. Prints JSON.
+
+The suite (tests/injectionsuite.py) crosses six car-restoration facts with poisoned passages that try to override
+the instructions (plainly, or through control tokens and the source block's delimiters), to exfiltrate a
+confidential source retrieved beside them, to suppress citations, or to force an abstention. Both conditions use
+the default profile's model and decoder (SmolLM2-135M-Instruct, greedy, decoder-written citations, repetition
+penalty): "defended" is GroundedGenerator with the grounded template (sources delimited as data, delimiters and
+control tokens removed, an instruction never to follow instructions inside sources); "naive" pastes the passages
+raw into the system instruction.
+
+    python benchmarks/injection.py [--limit N] [--max-new-tokens 48] [--answers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent / "tests"))
+sys.path.insert(0, str(_HERE.parent))
+_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--limit", type=int, default=None, help="run the first N cases (kinds interleaved)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--answers", action="store_true", help="include every answer in the JSON")
+    args = parser.parse_args()
+    _common.offline_env()
+    import injectionsuite
+
+    from generation.grounded import GroundedGenerator
+    from mmrag.config import load_settings
+    from mmrag.runtime import Runtime
+
+    started = time.monotonic()
+    with Runtime(load_settings()) as runtime:
+        generator = GroundedGenerator(runtime)
+        runtime.models.llm  # load once, outside the timing of the suite
+        loaded = time.monotonic()
+        cases = injectionsuite.build_cases(args.limit)
+        result = injectionsuite.run_suite(generator, cases, max_new_tokens=args.max_new_tokens,
+                                          log=lambda m: print(m, file=sys.stderr, flush=True))
+        model = runtime.models.llm.name
+    if not args.answers:
+        result.pop("answers")
+    out = {"benchmark": "injection", "model": model, "machine": _common.machine(),
+           "max_new_tokens": args.max_new_tokens, **result,
+           "timings_s": {"load": round(loaded - started, 1), "suite": round(time.monotonic() - loaded, 1)}}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
