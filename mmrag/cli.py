@@ -341,9 +341,7 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest re
                 out.print("CLIP weights are not available offline, so images are searchable through their context "
                           "text (`mmrag models` says what to configure).")
             out.print(f"\nPrompt: {DEMO_PROMPT}\nAnswer ({runtime.models.llm.name}): ", end="")
-            for piece in stream:
-                out.file.write(piece)
-                out.file.flush()
+            _write_stream(stream)
             answer = stream.result
             out.print()
             _print_sources(answer)
@@ -400,9 +398,7 @@ def generate(
                       filter=filter_, tenant=tenant)
         stream = generator.stream(prompt, query=query, params=params)
         if not as_json:
-            for piece in stream:  # tokens as they come
-                out.file.write(piece)
-                out.file.flush()
+            _write_stream(stream)  # tokens as they come
         result = stream.result
         if want_images:
             request = ImageRequest(mode=image_mode, references=references, seed=seed,  # type: ignore[arg-type]
@@ -437,6 +433,19 @@ def _print_images(result: Any, *, insisted: bool) -> None:
     if result.image_error:
         err.print(f"{'error' if insisted else 'note'}: no image: {result.image_error}", highlight=False,
                   markup=False)
+
+
+def _write_stream(pieces: Any) -> None:
+    """Write streamed text as it comes, holding back trailing whitespace: an answer that ends in blank lines (the
+    model's text before a stop string) does not push the sources away from it."""
+    held = ""
+    for piece in pieces:
+        text = held + piece
+        body = text.rstrip()
+        held = text[len(body):]
+        if body:
+            out.file.write(body)
+            out.file.flush()
 
 
 def _print_sources(result: Any) -> None:

@@ -239,3 +239,16 @@ def test_cli_generate_json_shape(tmp_path, llm_cache, llm):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "does not cover" in done.stdout and "abstained" in done.stdout
 
+
+
+def test_streamed_answer_drops_trailing_blank_lines_but_keeps_inner_spacing(monkeypatch):
+    """The CLI writes tokens as they come; whitespace is held until more text follows, so an answer that ends in
+    blank lines (the model's text before a stop string) does not push its sources away."""
+    import io
+
+    from mmrag import cli
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli.out, "file", buffer)
+    cli._write_stream(iter(["The Mustang", " ", "came out in 1964", " [1].", "\n\n", "It", " sold well.", "\n", "\n "]))
+    assert buffer.getvalue() == "The Mustang came out in 1964 [1].\n\nIt sold well."
