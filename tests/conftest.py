@@ -188,3 +188,20 @@ def tiny_sd(tmp_path_factory) -> dict[str, Path]:
     from tests.tinydiffusion import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """An in-process CLI run configures logging as an entry point does (quieter loggers, a root handler); put the
+    levels back so a later test's caplog still sees the warnings it checks."""
+    import logging
+
+    manager = logging.root.manager
+    levels = {name: logger.level for name, logger in manager.loggerDict.items() if isinstance(logger, logging.Logger)}
+    root_level, disabled = logging.root.level, manager.disable
+    yield
+    for name, logger in list(manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
+    logging.root.setLevel(root_level)
+    logging.disable(disabled)

@@ -787,3 +787,20 @@ def test_importing_the_parsers_has_no_side_effects() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_html_nested_too_deeply_is_refused_before_parsing_while_real_markup_passes():
+    """200,000 nested <div> once took 11 s and gigabytes inside the parser; the check refuses it up front, and
+    does not count elements that never nest, optional end tags, comments or script text."""
+    from ingest.parsers.web import MAX_HTML_DEPTH, check_html_nesting
+
+    with pytest.raises(BadInputError, match="nested too deeply"):
+        check_html_nesting("<html><body>" + "<div>" * 200_000 + "x" + "</div>" * 200_000)
+    with pytest.raises(BadInputError, match="nested too deeply"):
+        check_html_nesting("<span><b><i>" * (MAX_HTML_DEPTH // 3 + 1))
+    for fine in ("<div>" * MAX_HTML_DEPTH + "x",
+                 "<ul>" + "<li><p>item" * 5_000 + "</ul>",  # left-open <li> and <p> close at their next sibling
+                 "<script>" + "'<div>' + " * 3_000 + "</script><div>ok</div>",
+                 "<!--" + "<div>" * 3_000 + "-->" + "<br/><img src=x>" * 10,
+                 "<div></div>" * 100_000):
+        check_html_nesting(fine)
