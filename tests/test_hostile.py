@@ -21,7 +21,10 @@ from mmrag.errors import BadInputError
 # Third-party libraries the parsers import keep caches under $HOME/.cache (matplotlib's font list, onnxruntime's
 # device id). They hold nothing from the corpus; they are the only writes allowed outside the data dir.
 THIRD_PARTY_CACHES = ("home/.cache/matplotlib/", "home/.cache/Microsoft/")
-PEAK_RSS_LIMIT_MB = 3000
+# The ingest child's peak RSS: 1.39 GB in benchmarks/hostile.py on the development machine, 3.01 GB twice in CI's fresh
+# install (models, Milvus client and parsers at their peaks together). A bomb that got past the guards would decompress
+# to gigabytes more; the bound is there to catch that, not to track the steady figure.
+PEAK_RSS_LIMIT_MB = 4000
 WALL_LIMIT_S = 600  # the whole corpus, on a shared 2-core machine; a hang shows as a timeout far above this
 
 
