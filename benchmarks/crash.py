@@ -13,19 +13,12 @@ run a reduced version of it). Models: real MiniLM (fp32) and a tiny random CLIP 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]  # `ingest` must be the package
-sys.path.insert(0, str(_HERE.parent / "tests"))
-sys.path.insert(0, str(_HERE.parent))
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
 
 def main() -> None:

@@ -12,21 +12,13 @@ The corpus and the checks are tests/hostilecorpus.py (tests/test_hostile.py runs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent / "tests"))
-sys.path.insert(0, str(_HERE.parent))
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
 
 def per_file_times(cases) -> dict:

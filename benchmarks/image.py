@@ -24,7 +24,6 @@ Absolute times on the shared 2-core machine drift with the other work on it; com
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
 import sys
@@ -33,19 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import machine, offline_env  # noqa: E402
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
+from tinydiffusion import build_clip_tokenizer, ip_adapter_state  # tests/tinydiffusion.py: one builder of each
 
 SIZE = 512
-# stabilityai/sd-turbo unet/config.json (SD 2.1 base).
-SD_TURBO_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True, norm_num_groups=32,
-    flip_sin_to_cos=True, freq_shift=0, act_fn="silu", center_input_sample=False, downsample_padding=1,
-    mid_block_scale_factor=1, norm_eps=1e-5, upcast_attention=None)
 # stabilityai/sd-turbo text_encoder/config.json (OpenCLIP ViT-H/14 text tower).
 SD_TURBO_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
                      projection_dim=512, hidden_act="gelu", max_position_embeddings=77, bos_token_id=49406,
@@ -60,30 +50,15 @@ VIT_H_VISION = dict(hidden_size=1280, intermediate_size=5120, num_attention_head
 PROMPT = "an image of a red 1964 Ford Mustang coupe. A red 1964 Ford Mustang coupe seen from the side"
 
 
-def clip_tokenizer(folder: Path):
-    """CLIP's tokenizer, rebuilt from the BPE merges that ship inside open_clip (no hub here)."""
-    import open_clip
-    from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
-
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
-    merges = [tuple(m.split()) for m in gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]]
-    vocab = list(bytes_to_unicode().values())
-    vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 def build_pipeline(folder: Path):
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**SD_TURBO_UNET), vae=AutoencoderKL(**SD_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**SD_TURBO_TEXT)), tokenizer=clip_tokenizer(folder),
+        unet=_common.sd_turbo_unet(), vae=AutoencoderKL(**SD_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(
+            **SD_TURBO_TEXT)), tokenizer=build_clip_tokenizer(folder / "tokenizer"),
         scheduler=EulerDiscreteScheduler(timestep_spacing="trailing", steps_offset=1, prediction_type="v_prediction"),
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False).to("cpu")
 
@@ -95,27 +70,9 @@ def save_ip_adapter(folder: Path, unet) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    cross = unet.config.cross_attention_dim
-    embed = VIT_H_VISION["projection_dim"]
     CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H_VISION)).to(torch.bfloat16).save_pretrained(
         folder / "models" / "image_encoder")
-    state = {"image_proj.proj.weight": torch.randn(4 * cross, embed) * 0.02,
-             "image_proj.proj.bias": torch.zeros(4 * cross),
-             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
-    channels = unet.config.block_out_channels
-    key = 1
-    for name in unet.attn_processors:
-        if not name.endswith("attn2.processor"):
-            continue
-        if name.startswith("mid_block"):
-            hidden = channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = channels[int(name[len("down_blocks.")])]
-        state[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.02
-        state[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.02
-        key += 2
+    state = ip_adapter_state(unet, VIT_H_VISION["projection_dim"], scale=0.02)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()},
               str(folder / "models" / "ip-adapter_sd15.safetensors"))
     return folder
@@ -158,7 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="timed images per configuration (after a warm-up)")
     parser.add_argument("--ip-adapter", action="store_true", help="also the ip-adapter mode (builds a ViT-H)")
     args = parser.parse_args()
-    offline_env()
+    _common.offline_env()
     from mmrag.compat import ensure_torchvision
     from mmrag.device import configure_threads
 
@@ -177,7 +134,7 @@ def main() -> None:
     torch.manual_seed(0)
     tiny = AutoencoderTiny()  # TAESD's configuration
     build_s = time.perf_counter() - started
-    result: dict[str, Any] = {"machine": machine(), "size": SIZE, "rounds": args.rounds,
+    result: dict[str, Any] = {"machine": _common.machine(), "size": SIZE, "rounds": args.rounds,
                               "unet_parameters_m": round(sum(p.numel() for p in pipe.unet.parameters()) / 1e6, 1),
                               "build_s": round(build_s, 1), "configurations": []}
     steps_list = [1] if args.quick else [1, 4]

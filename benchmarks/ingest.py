@@ -14,20 +14,13 @@ Targets on the 2-core bf16 machine: pipeline >= 80% of bare, >= 45 images/s end 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the `ingest` package; keep its folder off the import path so `ingest` is the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
 
 def main() -> None:

@@ -21,18 +21,12 @@ Reduced-precision outputs are checked against fp32 (cosine of the output vectors
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
 STAGES = ("clip_image", "clip_text", "text", "llm", "unet")
 
@@ -206,26 +200,12 @@ def llm_stage(repeat: int, peak: dict[str, float]) -> dict[str, Any]:
                                                         3)}}
 
 
-def sd_turbo_unet() -> Any:
-    """A UNet with SD-Turbo's architecture (Stable Diffusion 2.1 base) and random weights."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-        use_linear_projection=True,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
-
-
 def unet_stage(repeat: int, peak: dict[str, float]) -> dict[str, Any]:
     import copy
 
     import torch
 
-    unet32 = sd_turbo_unet()
+    unet32 = _common.sd_turbo_unet()
     unet16 = copy.deepcopy(unet32).to(torch.bfloat16)
     models = {"fp32": unet32, "bf16": unet16}
     latents = torch.randn(1, 4, 64, 64)

@@ -28,7 +28,6 @@ size, computing BM25 vectors in Python); a first search of a fresh 100k collecti
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -40,12 +39,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-# Keep this folder off the import path so `ingest` (imported by the product) is the package, not ingest.py here.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
 
 def sentences(halueval: Path) -> list[str]:

@@ -14,7 +14,8 @@ DeBERTa such as ``cross-encoder/nli-deberta-v3-small``). What its output means c
 - two unnamed labels: the probability of label 1 (HHEM's convention: 1 = consistent).
 A claim is scored against each evidence passage separately and keeps the best score (one passage that entails it
 is enough). ``load_support_scorer`` builds the configured backend; ``score_pairs`` scores many claims at once,
-batched where the backend can batch.
+batched where the backend can batch. The configured scorer (``ModelSet.support_scorer``) is the one both the grounded
+generator's citation check and evaluation use.
 """
 
 from __future__ import annotations

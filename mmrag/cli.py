@@ -74,7 +74,28 @@ def _runtime():
 
 
 def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(_utf8(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def _utf8(value: Any) -> Any:
+    """JSON-ready data whose strings all encode as UTF-8: the undecodable bytes of a file name (lone surrogates
+    from the file system) become ``\\udcXX`` text, the way ingest's failure reasons name such files."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {_utf8(key): _utf8(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_utf8(item) for item in value]
+    return value
+
+
+def _one_line(text: str, limit: int | None = None) -> str:
+    """A document's or the model's text as one line: whitespace runs (newlines included) become one space."""
+    return " ".join(text.split())[:limit]
 
 
 @app.command()
@@ -214,9 +235,8 @@ def search(
     for column in ("#", "source", "page", "score", "signals", "text"):
         table.add_column(column, overflow="fold")
     for i, hit in enumerate(result["text"], 1):
-        snippet = " ".join(hit["text"].split())[:160]
         table.add_row(str(i), Path(hit["source"]).name, str(hit["page"] or "-"), f"{hit['score']:.3f}", scores(hit),
-                      snippet)
+                      _one_line(hit["text"], 160))
     out.print(table)
     if result["images"]:
         table = Table(title="reference images")
@@ -224,7 +244,7 @@ def search(
             table.add_column(column, overflow="fold")
         for i, hit in enumerate(result["images"], 1):
             table.add_row(str(i), Path(hit["source"]).name, str(hit["page"] or "-"), f"{hit['score']:.3f}",
-                          scores(hit), hit["context"][:120], hit["blob"])
+                          scores(hit), _one_line(hit["context"], 120), hit["blob"])
         out.print(table)
     if not result["grounded"]:
         out.print("nothing passed the relevance threshold: a generation would abstain")
@@ -346,8 +366,8 @@ def demo(as_json: bool = typer.Option(False, "--json", help="Print the ingest re
             out.print()
             _print_sources(answer)
             for hit in grounding.image_hits:
-                out.print(f"Reference image: {hit.chunk.context}\n  {runtime.blobs.url_of(hit.chunk.blob)}",
-                          highlight=False, markup=False)
+                out.print(f"Reference image: {_one_line(hit.chunk.context)}\n"
+                          f"  {runtime.blobs.url_of(hit.chunk.blob)}", highlight=False, markup=False, soft_wrap=True)
     if report.failed:
         for failure in report.failed:
             err.print(f"failed {failure.source}: {failure.reason}", highlight=False, markup=False)
@@ -454,18 +474,20 @@ def _print_sources(result: Any) -> None:
                   "no-grounding" else "the model found no answer in the sources")
         out.print(f"(abstained: {reason})", highlight=False)
         return
+    # One line per entry, never wrapped at the console's width, so `grep` and scripts see whole entries.
     if result.citations:
         out.print("\nSources:")
         for c in result.citations:
             page = f", page {c.page}" if c.page is not None else ""
-            out.print(f"  [{c.marker}] {Path(c.source).name}{page}: {c.snippet[:140]}", highlight=False, markup=False)
+            out.print(f"  [{c.marker}] {Path(c.source).name}{page}: {_one_line(c.snippet, 140)}", highlight=False,
+                      markup=False, soft_wrap=True)
     if result.removed_citations:
         out.print(f"removed citations of sources that were not given: {list(result.removed_citations)}",
                   highlight=False)
     if result.unsupported:
         out.print("Not supported by a cited source:")
         for sentence in result.unsupported:
-            out.print(f"  - {sentence}", highlight=False, markup=False)
+            out.print(f"  - {_one_line(sentence)}", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -174,6 +174,74 @@ def test_nothing_relevant_abstains_without_calling_the_model(make_runtime, tmp_p
         GroundedGenerator(runtime).generate("When was the Ford Mustang introduced?")
 
 
+MUSTANG = ("The Ford Mustang was introduced on 17 April 1964 at the New York World's Fair. It created the "
+           "\"pony car\" class: a long bonnet, a short rear deck, and a low price with a long list of options.")
+
+
+@pytest.fixture(scope="module")
+def rejecting_scorer_folder(tmp_path_factory, tiny_cross_encoder) -> Path:
+    """The conftest's tiny cross-encoder with its output bias pushed far down, saved as a local model folder: a
+    configured support scorer that backs no sentence (sigmoid of about -30)."""
+    import copy
+
+    import torch
+
+    folder = tmp_path_factory.mktemp("rejecting-scorer")
+    model = copy.deepcopy(tiny_cross_encoder.model)
+    with torch.no_grad():
+        model.classifier.bias.fill_(-30.0)
+    model.save_pretrained(folder)
+    tiny_cross_encoder.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _scorer_spec(folder: Path) -> dict:
+    return {"support_scorer": {"path": str(folder), "backend": None, "name": "tiny-rejecting-scorer"}}
+
+
+def test_the_generator_checks_citations_with_the_configured_support_scorer(make_runtime, tmp_path,
+                                                                          rejecting_scorer_folder):
+    from generation.grounded import GroundedGenerator
+    from generation.support import CrossEncoderSupportScorer
+
+    # Not configured: the lexical scorer (the default profile names it).
+    assert isinstance(GroundedGenerator(make_runtime(clip=False)).scorer, LexicalSupportScorer)
+    configured = make_runtime(clip=False, data_dir=tmp_path / "configured",
+                              models=_scorer_spec(rejecting_scorer_folder))
+    scorer = GroundedGenerator(configured).scorer
+    assert isinstance(scorer, CrossEncoderSupportScorer) and scorer.name == "tiny-rejecting-scorer"
+    assert scorer is configured.models.support_scorer  # one instance per runtime, shared with evaluation
+    # A configured scorer that cannot load fails before the model is called (the LLM role points nowhere too).
+    broken = make_runtime(clip=False, data_dir=tmp_path / "broken",
+                          models={**_scorer_spec(tmp_path / "no-such-scorer"),
+                                  "llm": {"path": str(tmp_path / "no-such-model")}})
+    grounding = Grounding("q", text_hits=(_hit(1, MUSTANG),), grounded=True)
+    with pytest.raises(ModelUnavailableError, match="support_scorer"):
+        GroundedGenerator(broken).stream("When was the Mustang introduced?", grounding=grounding)
+    assert "llm" not in broken.models._loaded
+
+
+@pytest.mark.slow
+def test_a_configured_cross_encoder_decides_the_unsupported_flags(make_runtime, llm, rejecting_scorer_folder):
+    """SmolLM2 cites the Mustang passage for its 1964 sentence. The lexical scorer backs that sentence; the
+    configured cross-encoder backs nothing, so every cited statement is flagged: the flags come from it."""
+    from generation.grounded import GroundedGenerator
+    from generation.citations import states_something
+
+    runtime = make_runtime(clip=False, llm=llm, models=_scorer_spec(rejecting_scorer_folder),
+                           generation={"max_new_tokens": 32})
+    grounding = Grounding("q", text_hits=(_hit(1, MUSTANG), _hit(2, "The Jaguar E-Type had disc brakes.")),
+                          grounded=True)
+    result = GroundedGenerator(runtime).generate("When was the Ford Mustang introduced?", grounding=grounding)
+    cited = [sentence for sentence, markers in check_citations(result.text, result.sources).sentences
+             if markers and states_something(sentence)]
+    assert cited and "1964" in cited[0], result.text
+    assert set(cited) <= set(result.unsupported)
+    lexical = check_citations(result.text, result.sources, scorer=LexicalSupportScorer(),
+                              min_support=runtime.settings.generation.min_support)
+    assert cited[0] not in lexical.unsupported
+
+
 @pytest.mark.slow
 def test_smollm2_answers_from_the_sample_kb_with_citations_that_check_out(make_runtime, tmp_path, llm):
     from generation.grounded import GroundedGenerator

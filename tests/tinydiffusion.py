@@ -15,7 +15,8 @@ SIZE = 64
 
 
 def build_clip_tokenizer(folder: Path):
-    """A CLIPTokenizer with CLIP's real vocabulary, rebuilt from the BPE merges that ship inside open_clip."""
+    """A CLIPTokenizer with CLIP's real vocabulary, rebuilt from the BPE merges that ship inside open_clip (no hub
+    here). Also benchmarks/image.py's tokenizer for its full-size pipeline."""
     from mmrag.compat import ensure_torchvision
 
     ensure_torchvision()
@@ -48,16 +49,25 @@ def tiny_unet(cross: int = 32):
 def save_ip_adapter(folder: Path, unet, *, image_embed: int = 16, encoder_projection: int = 16,
                     weight: str = "ip-adapter_sd15.safetensors") -> Path:
     """An IP-Adapter for ``unet`` in the h94/IP-Adapter layout: models/<weight> and models/image_encoder/."""
-    import torch
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    cross = unet.config.cross_attention_dim
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=32, projection_dim=encoder_projection, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=37, image_size=32, patch_size=8))
     encoder.save_pretrained(folder / "models" / "image_encoder")
-    state = {"image_proj.proj.weight": torch.randn(4 * cross, image_embed) * 0.5,
+    save_file(ip_adapter_state(unet, image_embed, scale=0.5), str(folder / "models" / weight))
+    return folder
+
+
+def ip_adapter_state(unet, image_embed: int, *, scale: float) -> dict:
+    """Random IP-Adapter weights for ``unet`` (an SD-family image projection and, per cross-attention layer, the
+    key and value projections of the image tokens) under h94/IP-Adapter's names. Shared with
+    benchmarks/image.py, which builds one for the full-size UNet."""
+    import torch
+
+    cross = unet.config.cross_attention_dim
+    state = {"image_proj.proj.weight": torch.randn(4 * cross, image_embed) * scale,
              "image_proj.proj.bias": torch.zeros(4 * cross),
              "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
     key = 1  # the IP-Adapter numbering: 1, 3, 5, ... over the UNet's cross-attention layers, in processor order
@@ -71,11 +81,10 @@ def save_ip_adapter(folder: Path, unet, *, image_embed: int = 16, encoder_projec
             hidden = list(reversed(channels))[int(name[len("up_blocks.")])]
         else:
             hidden = channels[int(name[len("down_blocks.")])]
-        state[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross) * 0.5
-        state[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross) * 0.5
+        state[f"ip_adapter.{key}.to_k_ip.weight"] = torch.randn(hidden, cross) * scale
+        state[f"ip_adapter.{key}.to_v_ip.weight"] = torch.randn(hidden, cross) * scale
         key += 2
-    save_file(state, str(folder / "models" / weight))
-    return folder
+    return state
 
 
 def build_tiny_sd(root: Path) -> dict[str, Path]:
