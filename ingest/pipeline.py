@@ -12,6 +12,8 @@ any (a marker in the blob store makes the next run sweep when a run is killed be
 
 Reading, parsing, chunking and image preprocessing run on every core for a slice of sources, then the slice's
 chunks are embedded (batched across sources) and written; the two phases take turns (see ``_prepare_all``).
+Documents (PDF, DOCX, PPTX, HTML, Markdown) are parsed in worker processes under a per-file time and memory limit
+(``ingest.isolation``): a preparing thread hands its document to a worker and waits for the elements.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from ingest.chunking import Draft, chunk_elements
 from ingest.elements import ParseOptions
+from ingest.isolation import ISOLATED_KINDS, ParseLimits, parse_isolated
 from ingest.parsers import parse_file, sniff_kind
 from ingest.sources import discover
 from mmrag.blobs import BlobStore
@@ -88,6 +91,8 @@ class Ingestor:
         self.index = index
         self.blobs = blobs
         self.options = parse_options(settings)
+        self.limits = ParseLimits(settings.ingest.parse_timeout_s, settings.ingest.parse_memory_mb)
+        self._parse_workers = 1
         self._mark_lock = threading.Lock()
         self._marked = False
 
@@ -191,6 +196,7 @@ class Ingestor:
         from mmrag.device import configure_threads
 
         workers = configure_threads(self.settings.runtime.torch_threads)
+        self._parse_workers = workers  # one parse process per preparing thread, started when a document needs it
         step = max(self.settings.ingest.image_batch, 8)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-prepare") as pool:
             for start in range(0, len(files), step):
@@ -212,7 +218,10 @@ class Ingestor:
             if previous is not None and previous.version == version:
                 return _Outcome(path, "unchanged")
             kind = sniff_kind(path, data)
-            elements = parse_file(path, data, self.options)
+            if kind in ISOLATED_KINDS:  # third-party document parsers: in a worker process, within limits
+                elements = parse_isolated(path, data, self.options, self.limits, workers=self._parse_workers)
+            else:  # images (Pillow under the pixel limits) and plain text
+                elements = parse_file(path, data, self.options)
             doc_id = Document.make_id(source, tenant)
             mime = _KIND_MIME.get(kind) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
             document = Document(source=source, doc_id=doc_id, version=version, mime=mime, tenant=tenant,

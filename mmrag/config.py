@@ -20,7 +20,7 @@ from mmrag.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ROLES: tuple[str, ...] = ("clip", "text_embedder", "llm", "image_generator", "reranker", "support_scorer")
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]  # int8: models.llm on CPU only
 
 
 class _Section(BaseModel):
@@ -62,6 +62,9 @@ class MilvusSection(_Section):
     index_type: str = "HNSW"  # dense index: HNSW | IVF_FLAT | FLAT | AUTOINDEX
     index_params: dict[str, Any] = Field(default_factory=lambda: {"M": 16, "efConstruction": 200})
     write_batch: int = Field(default=256, ge=1)
+    # The longest one Milvus call may take before it fails (StoreError, HTTP 503): a server that hangs (stopped,
+    # partitioned away) would otherwise hold every request forever. None: no limit.
+    timeout_s: float | None = Field(default=30.0, gt=0)
 
     @field_validator("collection")
     @classmethod
@@ -91,6 +94,11 @@ class IngestSection(_Section):
     fetch_remote: bool = False
     image_batch: int = Field(default=32, ge=1)
     text_batch: int = Field(default=32, ge=1)
+    # PDF, DOCX, PPTX, HTML and Markdown are parsed in worker processes (ingest/isolation.py). A file whose parse
+    # takes longer than this is refused and its worker killed; one that needs more memory than parse_memory_mb
+    # (on top of an idle worker's own, about 2.1 GB of address space) likewise. 0: no memory limit.
+    parse_timeout_s: float = Field(default=120.0, gt=0)
+    parse_memory_mb: int = Field(default=2048, ge=0)
 
 
 class RetrievalSection(_Section):
@@ -129,7 +137,9 @@ class GenerationSection(_Section):
     # each statement with the marker of the given source that best supports it (for small models that do not
     # cite on their own; see generation.text._Citer).
     citation_mode: Literal["free", "constrained"] = "free"
-    # A cited sentence whose cited sources share less than this fraction of its content words is unsupported.
+    # A cited sentence whose cited sources the support scorer (models.support_scorer) scores below this is
+    # unsupported: for the lexical scorer, the share of its content words the sources hold; for a model, its
+    # probability that the sources back the sentence.
     min_support: float = Field(default=0.5, ge=0.0, le=1.0)
 
 

@@ -448,19 +448,24 @@ def _tree(folder: Path) -> dict[str, tuple[int, float]]:
 class HostileRun:
     returncode: int
     wall_s: float
-    peak_rss_mb: float
+    peak_rss_mb: float  # the largest single process (the kernel's accounting of the child and what it reaped)
     report: dict[str, Any]
     stderr: str
     untouched: dict[str, bool]  # folder -> nothing written there
     written: list[str]  # paths created or changed outside the data dir, relative to the base folder
+    # The whole process tree (the ingest, its parse forkserver and workers) sampled every 0.2 s: the sum of RSS
+    # (shared pages counted in every process) and of PSS (shared pages split between the processes sharing them).
+    peak_tree_rss_mb: float = 0.0
+    peak_tree_pss_mb: float = 0.0
 
     def outcomes(self, cases: list[Case], documents: list[str]) -> dict[str, str | None]:
         """Per file: None when it was ingested (it has a document record), else the reason it is not in."""
-        failed = {f["source"]: f["reason"] for f in self.report.get("failed", [])}
-        ingested = set(documents)
+        # Undecodable bytes of a file name may come back as the bytes or as ``\udcXX`` text: compare escaped.
+        failed = {_escaped(f["source"]): f["reason"] for f in self.report.get("failed", [])}
+        ingested = {_escaped(d) for d in documents}
         out: dict[str, str | None] = {}
         for case in cases:
-            source = str(case.path.resolve())
+            source = _escaped(str(case.path.resolve()))
             if source in failed:
                 out[str(case.path)] = failed[source]
             elif source in ingested:
@@ -468,6 +473,10 @@ class HostileRun:
             else:
                 out[str(case.path)] = "not picked up by the folder walk (unsupported extension)"
         return out
+
+
+def _escaped(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def run_ingest(base: Path, kb: Path, clip_folder: Path, timeout_s: float = 900) -> HostileRun:
@@ -495,7 +504,12 @@ def run_ingest(base: Path, kb: Path, clip_folder: Path, timeout_s: float = 900) 
                                  "--json"], env=env, cwd=cwd, stdout=out, stderr=err)
         deadline = started + timeout_s
         status = rusage = None
+        tree_peak = (0, 0)
+        sampled = 0.0
         while time.monotonic() < deadline:
+            if time.monotonic() - sampled >= 0.2:
+                sampled = time.monotonic()
+                tree_peak = tuple(map(max, tree_peak, tree_memory(proc.pid)))
             pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -516,7 +530,35 @@ def run_ingest(base: Path, kb: Path, clip_folder: Path, timeout_s: float = 900) 
     untouched = {name: before[name] == after[name] for name in watched}
     written = sorted(os.path.relpath(path, base) for name in watched for path, stat in after[name].items()
                      if before[name].get(path) != stat)
-    return HostileRun(proc.returncode, wall, rusage.ru_maxrss / 1024, report, stderr, untouched, written)
+    return HostileRun(proc.returncode, wall, rusage.ru_maxrss / 1024, report, stderr, untouched, written,
+                      tree_peak[0] / 1024, tree_peak[1] / 1024)
+
+
+def tree_memory(root: int) -> tuple[int, int]:
+    """(RSS, PSS) in KiB summed over ``root`` and all its descendants, from /proc (zeros where it is missing)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as stat:
+                    children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    rss = pss = 0
+    todo = [root]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
+                for line in rollup:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss, pss
 
 
 def leaked(base: Path, profile_dir: Path) -> dict[str, int]:
@@ -560,6 +602,7 @@ def summarize(cases: list[Case], run: HostileRun, leaks: dict[str, Any], loopbac
         "by_family": {k: dict(v) for k, v in sorted(by_family.items())},
         "expectation_violations": violations,
         "exit_code": run.returncode, "wall_s": round(run.wall_s, 1), "peak_rss_mb": round(run.peak_rss_mb, 1),
+        "peak_tree_rss_mb": round(run.peak_tree_rss_mb, 1), "peak_tree_pss_mb": round(run.peak_tree_pss_mb, 1),
         "leaks": {k: v for k, v in leaks.items() if k != "documents"}, "loopback_requests": loopback_hits, "untouched_folders": run.untouched,
         "written_outside_data_dir": run.written,
         "traceback_in_stderr": "Traceback" in run.stderr,
