@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,13 @@ class DocRecord:
         return cls(**{k: row[k] for k in DOC_FIELDS if k in row})
 
 
+def _released(exc: Exception) -> bool:
+    """A search or query refused because the collection is not loaded (code 101: a restarted server, or another
+    client released it)."""
+    text = str(getattr(exc, "message", "") or exc)
+    return getattr(exc, "code", None) == 101 or "released" in text or "not loaded" in text.lower()
+
+
 def _milvus_error(exc: Exception, uri: str) -> StoreError:
     text = str(getattr(exc, "message", "") or exc)
     if "Open local milvus failed" in text or "lock" in text.lower():
@@ -79,6 +87,9 @@ def _milvus_error(exc: Exception, uri: str) -> StoreError:
             "stop the other mmrag process, or run a Milvus server and pass --milvus-uri")
     if "Fail connecting" in text or "server unavailable" in text:
         return StoreError(f"cannot reach Milvus at {uri}: is the server running? (docker compose up -d milvus)")
+    if "DEADLINE_EXCEEDED" in text or "Deadline Exceeded" in text:
+        return StoreError(f"Milvus at {uri} did not answer in time (milvus.timeout_s): is the server hung or "
+                          "overloaded?")
     return StoreError(f"Milvus at {uri} failed: {text}")
 
 
@@ -92,6 +103,8 @@ class MilvusIndex:
         self.docs = f"{settings.milvus.collection}_docs"
         self._client: Any = None
         self._schema: dict[str, Any] | None = None
+        self._reload_lock = threading.Lock()
+        self._reloading = threading.local()
 
     # -- connection -------------------------------------------------------------------------------------------
     @property
@@ -105,7 +118,12 @@ class MilvusIndex:
 
             if self.embedded:
                 Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-            kwargs: dict[str, Any] = {}
+            # pymilvus pings an idle connection every 10 s, and Milvus' gRPC server (milvus-lite's too) answers pings
+            # that come more often than every 5 minutes without calls with GOAWAY "too_many_pings": a call made as
+            # the connection closes then fails UNAVAILABLE. Seen between calls that sit far apart (a minute of
+            # image generation between two searches). Ping only while calls are in flight.
+            kwargs: dict[str, Any] = {"grpc_options": {"grpc.keepalive_permit_without_calls": False,
+                                                       "grpc.keepalive_time_ms": 60_000}}
             if self.settings.milvus.token:
                 kwargs["token"] = self.settings.milvus.token
             if self.settings.milvus.db_name:
@@ -130,12 +148,41 @@ class MilvusIndex:
         self.close()
 
     def _call(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """One Milvus call; its errors become StoreError. pymilvus reconnects by itself once a server is back, but a
+        restarted server holds the collections released: the first call that finds them so loads them again and
+        is retried once. Client calls are bounded by ``milvus.timeout_s`` (a hung server fails them instead of
+        holding them)."""
+        if self.settings.milvus.timeout_s and getattr(fn, "__self__", None) is self._client:
+            kwargs.setdefault("timeout", self.settings.milvus.timeout_s)
+        try:
+            return fn(*args, **kwargs)
+        except (EncoderMismatchError, NotFoundError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if not _released(exc) or getattr(self._reloading, "active", False):
+                raise _milvus_error(exc, self.uri) from exc
+            logger.warning("Milvus at %s holds the knowledge base released (a restarted server?): loading it again",
+                           self.uri)
+        self._reload()
         try:
             return fn(*args, **kwargs)
         except (EncoderMismatchError, NotFoundError):
             raise
         except Exception as exc:  # noqa: BLE001
             raise _milvus_error(exc, self.uri) from exc
+
+    def _reload(self) -> None:
+        """Load the collections again (one thread at a time; the others wait and then find them loaded)."""
+        with self._reload_lock:
+            self._reloading.active = True
+            try:
+                self._load()
+            finally:
+                self._reloading.active = False
+
+    def ping(self, timeout_s: float = 2.0) -> None:
+        """A cheap round trip to Milvus (readiness checks); StoreError when it cannot be reached in time."""
+        self._call(self.client.has_collection, self.docs, timeout=timeout_s)
 
     # -- schema -----------------------------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -225,12 +272,18 @@ class MilvusIndex:
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         for name in ("doc_id", "modality"):
             index.add_index(name, index_type="INVERTED")
-        try:
-            self.client.create_collection(self.chunks, schema=build(True), index_params=index)
-            self._partition_key_used = True
-        except Exception as exc:  # noqa: BLE001 - older servers refuse partition keys or scalar indexes
-            logger.info("partition key unavailable (%s); tenant is a filtered field", exc)
-            self._call(self.client.create_collection, self.chunks, schema=build(False), index_params=index)
+        # A creation cut short (the process killed, the server gone) can leave the first collection without the
+        # second or without the schema row: what exists already is kept, so the next attempt completes it.
+        if self._call(self.client.has_collection, self.chunks):
+            fields = self._call(self.client.describe_collection, self.chunks).get("fields", [])
+            self._partition_key_used = any(f.get("name") == "tenant" and f.get("is_partition_key") for f in fields)
+        else:
+            try:
+                self.client.create_collection(self.chunks, schema=build(True), index_params=index)
+                self._partition_key_used = True
+            except Exception as exc:  # noqa: BLE001 - older servers refuse partition keys or scalar indexes
+                logger.info("partition key unavailable (%s); tenant is a filtered field", exc)
+                self._call(self.client.create_collection, self.chunks, schema=build(False), index_params=index)
         docs = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         docs.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=64)
         docs.add_field("tenant", DataType.VARCHAR, max_length=128)
@@ -243,8 +296,9 @@ class MilvusIndex:
         docs.add_field("_v", DataType.FLOAT_VECTOR, dim=2)  # Milvus requires a vector field
         docs_index = self.client.prepare_index_params()
         docs_index.add_index("_v", index_type="FLAT", metric_type="L2")
-        self._call(self.client.create_collection, self.docs, schema=docs, index_params=docs_index)
-        self._loaded = True  # create_collection with index params loads the new collections
+        if not self._call(self.client.has_collection, self.docs):
+            self._call(self.client.create_collection, self.docs, schema=docs, index_params=docs_index)
+        self._load()  # create_collection with index params loads a new collection; a kept one may be released
         logger.info("created knowledge base %s at %s", self.settings.milvus.collection, self.uri)
 
     @property

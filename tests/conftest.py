@@ -190,6 +190,96 @@ def tiny_sd(tmp_path_factory) -> dict[str, Path]:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MilvusServer:
+    """A ``milvus-lite server`` process on 127.0.0.1 that can be stopped (SIGTERM or SIGKILL) and started again on
+    the same port and data dir, as an outage of a real Milvus server would look to its clients."""
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        import shutil
+        import sys
+
+        self.binary = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 60) -> float:
+        """Start the server and wait until it accepts connections; returns the seconds that took."""
+        import socket
+        import subprocess
+        import time
+
+        assert not self.running, "the server is already running"
+        started = time.monotonic()
+        self.proc = subprocess.Popen([self.binary, "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
+                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return time.monotonic() - started
+            except OSError:
+                time.sleep(0.1)
+        self.stop(signal_name="SIGKILL")
+        raise RuntimeError(f"milvus-lite server did not start within {timeout:.0f} s")
+
+    def stop(self, signal_name: str = "SIGTERM", timeout: float = 20) -> None:
+        """Send the signal and wait until the process is gone (a gRPC server binds its port with SO_REUSEPORT: a
+        restart beside a dying one would share the port with it)."""
+        import signal
+        import subprocess
+
+        if not self.running:
+            return
+        self.proc.send_signal(getattr(signal, signal_name))
+        self.proc.send_signal(signal.SIGCONT)  # a paused server acts on SIGTERM only once it continues
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self.proc.stderr.close()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections and port but answers nothing (a hung server)."""
+        import signal
+
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A ``milvus-lite server`` on 127.0.0.1 with its data under tmp_path; ``.uri`` for clients, ``.stop(signal)``
+    and ``.start()`` for outages. Stopped after the test."""
+    server = MilvusServer(tmp_path / "server-data")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()
+
+
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """An in-process CLI run configures logging as an entry point does (quieter loggers, a root handler); put the

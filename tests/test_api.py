@@ -89,6 +89,7 @@ def test_health_readiness_and_openapi_with_examples(api):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["ready"] is True and ready["models"]["text_embedder"] and ready["models"]["llm"] == "tiny-random-llama"
+    assert ready["models"]["support_scorer"] == "lexical"  # loaded at start with the LLM, not by a first request
     schema = client.get("/openapi.json").json()
     for path in ("/v1/documents", "/v1/documents/{doc_id}", "/v1/search", "/v1/generate", "/v1/images/{image_id}",
                  "/v1/evals", "/v1/evals/{job_id}"):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,15 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.test_api import A, B, KEY_A, MUSTANG_TEXT, SAMPLE, api_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Served:
@@ -56,39 +50,14 @@ class Served:
         self.thread.join(30)
 
 
-@pytest.fixture
-def milvus_server(tmp_path):
-    binary = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
-    port = free_port()
-    proc = subprocess.Popen([binary, "server", "--data-dir", str(tmp_path / "server-data"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"milvus-lite server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("milvus-lite server did not start within 60 s")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.mark.slow
 def test_two_served_apps_share_a_milvus_server(make_runtime, tiny_llm, tmp_path, milvus_server):
     """Two API processes' worth of apps (as `mmrag serve --workers 2` runs) over one Milvus server: what one
     ingests, the other lists, searches and serves, tenant-confined."""
     from mmrag.api.app import create_app
 
-    settings = {"milvus": {"uri": milvus_server}, "api": api_settings(tmp_path), "generation": {"max_new_tokens": 4}}
+    settings = {"milvus": {"uri": milvus_server.uri}, "api": api_settings(tmp_path),
+                "generation": {"max_new_tokens": 4}}
     first = create_app(make_runtime(llm=tiny_llm, **settings))
     second = create_app(make_runtime(llm=tiny_llm, **settings))
     image = (SAMPLE / "images" / "mustang-1964.png").read_bytes()

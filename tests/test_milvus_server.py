@@ -3,46 +3,7 @@ as docker compose's Milvus standalone would be reached through ``--milvus-uri``.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def milvus_server(tmp_path):
-    binary = shutil.which("milvus-lite") or str(Path(sys.executable).parent / "milvus-lite")
-    port = _free_port()
-    proc = subprocess.Popen([binary, "server", "--data-dir", str(tmp_path / "server-data"), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"milvus-lite server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("milvus-lite server did not start within 60 s")
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def test_ingest_sync_and_delete_through_a_milvus_server(make_runtime, tmp_path, milvus_server):
@@ -53,19 +14,19 @@ def test_ingest_sync_and_delete_through_a_milvus_server(make_runtime, tmp_path, 
     (kb / "a.txt").write_text("Milvus standalone keeps its data in MinIO and its metadata in etcd.")
     (kb / "b.md").write_text("# Deployment\n\nSeveral API workers share one Milvus server.\n")
     Image.new("RGB", (40, 40), (0, 128, 0)).save(kb / "green-square.png")
-    runtime = make_runtime(milvus={"uri": milvus_server})
+    runtime = make_runtime(milvus={"uri": milvus_server.uri})
     assert not runtime.index.embedded
     report = runtime.ingestor.ingest([kb])
     assert report.failed == () and report.added == 3
     assert not (tmp_path / "data" / "milvus.db").exists()  # nothing embedded was opened
     stats = runtime.index.stats()
-    assert stats["milvus_uri"] == milvus_server and stats["documents"] == 3
+    assert stats["milvus_uri"] == milvus_server.uri and stats["documents"] == 3
     assert stats["partition_key"] is True  # the server supports the tenant partition key
     assert runtime.ingestor.ingest([kb]).unchanged == 3
     (kb / "a.txt").unlink()
     assert runtime.ingestor.ingest([kb], sync=True).deleted == 1
     runtime.close()
     # A second client (another API worker, another process) sees the same knowledge base.
-    other = make_runtime(milvus={"uri": milvus_server})
+    other = make_runtime(milvus={"uri": milvus_server.uri})
     assert {Path(d.source).name for d in other.index.documents()} == {"b.md", "green-square.png"}
     assert other.index.count('modality == "image"') == 1

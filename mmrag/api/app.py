@@ -44,7 +44,7 @@ from mmrag.api.schemas import (ERROR_RESPONSES, Deleted, DocumentList, DocumentO
 from mmrag.api.shapes import grounding_json
 from mmrag.blobs import BlobStore
 from mmrag.config import Settings
-from mmrag.errors import MmragError, ModelUnavailableError, NotFoundError
+from mmrag.errors import MmragError, ModelUnavailableError, NotFoundError, StoreError
 from mmrag.index import quote
 from mmrag.records import Document
 from mmrag.runtime import Runtime
@@ -100,13 +100,21 @@ class ApiState:
             self.loaded["text_embedder"] = models.text_embedder.signature.model
             clip = models.clip
             self.loaded["clip"] = clip.signature.model if clip is not None else None
-            self.runtime.index.exists()  # connects (and loads the collections) or raises StoreError
+            try:
+                self.runtime.index.exists()  # connects and loads the collections
+            except StoreError as exc:  # a Milvus outage is not a failed start: /readyz says 503 until it is back
+                logger.warning("%s", exc)
             if self.settings.models.llm is not None:
                 try:
                     self.loaded["llm"] = models.llm.name
                 except ModelUnavailableError as exc:  # search still works; generate answers 503 with this reason
                     logger.warning("%s", exc)
                     self.loaded["llm"] = None
+                try:  # the citation check's scorer: loaded now, so a broken path shows at start, not per request
+                    self.loaded["support_scorer"] = models.support_scorer.name
+                except ModelUnavailableError as exc:  # generate answers 503 with this reason
+                    logger.warning("%s", exc)
+                    self.loaded["support_scorer"] = None
             if self.settings.models.image_generator is not None and models.resolution("image_generator").available:
                 try:  # loaded now, not by the first request that asks for images
                     self.loaded["image_generator"] = models.image_generator.name
@@ -342,7 +350,9 @@ def create_app(target: Settings | Runtime) -> FastAPI:
         status, code = status_of(exc)
         if status >= 500:
             logger.error("%s: %s", code, exc)
-        return JSONResponse({"code": code, "message": str(exc)}, status_code=status)
+        # A store outage is transient: clients are told when to retry (a 503 without it invites a retry storm).
+        headers = {"Retry-After": str(state.api.retry_after_s)} if isinstance(exc, StoreError) else None
+        return JSONResponse({"code": code, "message": str(exc)}, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -366,6 +376,12 @@ def create_app(target: Settings | Runtime) -> FastAPI:
              responses={503: {"model": Ready, "description": "Still loading, or loading failed"}})
     def readyz() -> Response:
         if state.ready.is_set():
+            try:
+                state.runtime.index.ping()  # one cheap round trip: a Milvus outage makes the replica not ready
+            except StoreError as exc:
+                return JSONResponse({"ready": False, "status": "store_unavailable", "detail": str(exc),
+                                     "models": state.loaded, "auth": state.auth.enabled}, status_code=503,
+                                    headers={"Retry-After": str(state.api.retry_after_s)})
             body = {"ready": True, "status": "ready", "detail": None, "models": state.loaded,
                     "auth": state.auth.enabled}
             return JSONResponse(body)
@@ -637,7 +653,12 @@ def _ingest_uploads(st: ApiState, tenant: str, uploads: list[Any]) -> dict[str, 
                 stored.append((name, target))
             finally:
                 tmp.unlink(missing_ok=True)
-        report = st.runtime.ingestor.ingest([p for _, p in stored], tenant=tenant) if stored else IngestReport()
+        try:
+            report = st.runtime.ingestor.ingest([p for _, p in stored], tenant=tenant) if stored else IngestReport()
+        except BaseException:  # e.g. Milvus down (503): the client retries; keep no file it was not told about
+            for path in fresh:
+                path.unlink(missing_ok=True)
+            raise
         failed_sources = {f.source for f in report.failed}
         for _, path in stored:
             if path in fresh and str(path) in failed_sources:

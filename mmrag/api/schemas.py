@@ -29,7 +29,7 @@ class Health(_Response):
 
 class Ready(_Response):
     ready: bool
-    status: str = Field(examples=["ready", "loading", "failed"])
+    status: str = Field(examples=["ready", "loading", "failed", "store_unavailable"])
     detail: str | None = None
     models: dict[str, str | None] = Field(default_factory=dict)
     auth: bool = Field(default=True, description="Whether /v1 calls need an API key")
