@@ -12,6 +12,10 @@
    - ``pipeline_default``: ``GroundedGenerator(runtime).stream(question, query=Query(k_text=5, k_image=0))``, greedy,
      the profile's decoder features (citation_mode "constrained", repetition_penalty 1.3);
    - ``pipeline_plain``: the same with citation_mode "free" and repetition_penalty 1.0: the bare decode loop;
+   - ``pipeline_plain_int8``: the plain loop over the lean decoder with int8 weights (opt-in, precision "int8";
+     the default decodes fp32 weights; see generation/decoder.py);
+   - ``pipeline_plain_transformers``: the plain loop over transformers' own forward pass (what ``generate`` runs),
+     so its ratio to ``bare`` is the decode loop's own overhead;
    - ``bare``: the same rendered prompt (built with ``build_prompt`` from the same grounding, so the same tokens)
      through ``model.generate(input_ids, do_sample=False)`` on ``runtime.models.llm.model`` with its tokenizer:
      a ``max_new_tokens=1`` call for the time to first token, then a call held to exactly ``--max-new-tokens`` tokens
@@ -19,8 +23,9 @@
    To compare equal work, the pipeline is held to ``--max-new-tokens`` too: for the timed runs the generator's
    end-of-turn ids are emptied (``llm.eos_ids``), so the loop goes on past the end of the answer, as
    ``min_new_tokens`` makes ``generate`` do. A first, untimed pass (also the warm-up) lets the answers end
-   naturally: ``natural`` reports their lengths and texts, and whether the plain loop's greedy text is the text
-   ``generate`` writes (it should be: same prompt, same model, greedy).
+   naturally: ``natural`` reports their lengths and texts, whether the plain loop's greedy text is the text
+   ``generate`` writes (it should be over fp32 weights: same prompt, same model, greedy), and on how many questions
+   the int8 weights write the same answer as the fp32 ones.
    Pipeline figures are taken from the call: ``ttft_s`` to the first text piece (retrieval, prompt building,
    tokenising, prefill and the first token), ``total_s`` until the stream is exhausted (the citation check
    included); ``tokens_per_s`` is the decode rate (tokens after the first over the time after the first). Bare
@@ -38,7 +43,6 @@ About 7 minutes on the 2-core machine (the first start's GGUF conversion alone t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
 import statistics
@@ -49,14 +53,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Keep this folder off the import path so `ingest` (imported by the product) is the package, not ingest.py here.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-_spec = importlib.util.spec_from_file_location("_bench_common", _HERE / "_common.py")
-_common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_common)
+import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
-MODES = ("pipeline_default", "pipeline_plain", "bare")
+MODES = ("pipeline_default", "pipeline_plain", "pipeline_plain_int8", "pipeline_plain_transformers", "bare")
+# The forward pass each pipeline mode decodes with: the profile's default (the lean decoder over fp32 weights,
+# greedy text equal to generate's), the lean decoder over int8 weights (opt-in: precision "int8"), and
+# transformers' own forward pass (the decode loop's overhead against generate on the same forward pass).
+DECODERS = {"pipeline_default": "default", "pipeline_plain": "default", "pipeline_plain_int8": "int8",
+            "pipeline_plain_transformers": None}
 _T0 = time.perf_counter()
 
 
@@ -210,19 +214,29 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
     in_process_load_s = time.perf_counter() - start
     questions = [r.prompt for r in records[: args.questions]]
 
-    gens = {"pipeline_default": GroundedGenerator(runtime), "pipeline_plain": GroundedGenerator(runtime)}
-    gens["pipeline_plain"].settings = load_settings(**overrides, generation=PLAIN).generation
+    gens = {mode: GroundedGenerator(runtime) for mode in MODES if mode != "bare"}
+    for mode in gens:
+        if mode != "pipeline_default":
+            gens[mode].settings = load_settings(**overrides, generation=PLAIN).generation
+    from generation.decoder import LeanDecoder
+
+    decoders = {"default": llm.decoder, None: None}
+    decoders["int8"] = LeanDecoder(llm.model, "int8")
     default_gen = gens["pipeline_default"].settings
     assert gens["pipeline_plain"].settings.template == default_gen.template  # the same prompt for all three
     n = args.max_new_tokens
 
     # 3a. Untimed natural pass (and warm-up): answers end where the model ends them; the rendered prompts.
-    natural: dict[str, list[dict[str, Any]]] = {"pipeline_default": [], "pipeline_plain": []}
+    natural: dict[str, list[dict[str, Any]]] = {"pipeline_default": [], "pipeline_plain": [],
+                                                "pipeline_plain_int8": []}
     prompts: list[str] = []
     skipped: list[str] = []
     for i, q in enumerate(list(questions)):
         note(f"natural pass {i + 1}/{args.questions}")
-        rows = {mode: run_pipeline(gens[mode], q, n) for mode in natural}
+        rows = {}
+        for mode in natural:
+            llm.decoder = decoders[DECODERS[mode]]
+            rows[mode] = run_pipeline(gens[mode], q, n)
         if any(r["no_grounding"] for r in rows.values()):  # abstained without calling the model: nothing to time
             skipped.append(q)
             questions.remove(q)
@@ -250,24 +264,30 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
                     if mode == "bare":
                         row = run_bare(llm, prompts[i], n)
                     else:
+                        llm.decoder = decoders[DECODERS[mode]]
                         row = run_pipeline(gens[mode], q, n)
                     row.update(question=i, round=round_no)
                     runs[mode].append(row)
     finally:
         llm.eos_ids = eos_ids
+        llm.decoder = decoders["default"]
 
     # Greedy equivalence: the plain loop's natural answer is a prefix of what generate writes (generate only
     # differs where min_new_tokens keeps it from ending).
     bare_text = {r["question"]: r["raw_text"] for r in runs["bare"] if r["round"] == 0}
-    same = [bare_text[i].startswith(r["raw_text"]) for i, r in enumerate(natural["pipeline_plain"])]
+    same = {mode: [bare_text[i].startswith(r["raw_text"]) for i, r in enumerate(natural[mode])]
+            for mode in ("pipeline_plain", "pipeline_plain_int8")}
+    int8_as_fp32 = [a["raw_text"] == b["raw_text"]
+                    for a, b in zip(natural["pipeline_plain_int8"], natural["pipeline_plain"], strict=True)]
     summary = {mode: _summary(rows) for mode, rows in runs.items()}
-    ratios = {mode: _paired(runs[mode], runs["bare"]) for mode in ("pipeline_default", "pipeline_plain")}
+    ratios = {mode: _paired(runs[mode], runs["bare"]) for mode in MODES if mode != "bare"}
     decode = summary["pipeline_default"]["tokens_per_s"]
     second = loads.get("second_start", {})
     out = {
         "benchmark": "generate",
         "model": f"{llm.name} (GGUF Q4_1 de-quantised to {str(llm.model.dtype).replace('torch.', '')}), "
                  f"transformers {_version('transformers')}",
+        "default_decoder": llm.decoder_name,
         "kb": {"passages": report.chunks.get("text", 0), "ingest_s": round(ingest_s, 1),
                "text_embedder": runtime.models.text_embedder.signature.model, "k_text": 5},
         "questions": len(questions),
@@ -289,7 +309,8 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
                            "citations": sum(r["citations"] for r in rows),
                            "unsupported": sum(r["unsupported"] for r in rows),
                            "example": rows[0]["text"][:300]} for mode, rows in natural.items()},
-        "plain_greedy_matches_generate": f"{sum(same)}/{len(same)}",
+        "plain_greedy_matches_generate": {mode: f"{sum(v)}/{len(v)}" for mode, v in same.items()},
+        "plain_int8_text_equals_fp32": f"{sum(int8_as_fp32)}/{len(int8_as_fp32)}",
         "targets": {
             "pipeline_overhead_max": 0.10,
             "overhead_met": {mode: r["total_overhead"] is not None and r["total_overhead"] <= 0.10

@@ -337,7 +337,8 @@ def run_generation_eval(runtime: Any, records: Sequence[EvalRecord], *,
     s = runtime.settings
     config = {
         "records": len(chosen), "unanswerable": len(held_out), "baseline": baseline,
-        "model": llm.name, "template": generator.template.origin, "citation_mode": s.generation.citation_mode,
+        "model": llm.name, "decoder": llm.decoder_name, "template": generator.template.origin,
+        "citation_mode": s.generation.citation_mode,
         "sampling": {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature,
                      "top_p": params.top_p, "seed": params.seed, "repetition_penalty": params.repetition_penalty,
                      "stop": list(params.stop)},

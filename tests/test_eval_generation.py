@@ -121,6 +121,7 @@ def test_run_generation_eval_mechanics(halueval_generation_kb):
     assert report["definitions"] == DEFINITIONS
     config = report["config"]
     assert config["model"] == "tiny-random-llama" and config["sampling"]["max_new_tokens"] == 12
+    assert config["decoder"] == "lean, fp32 weights"  # the CPU default, recorded so runs can be compared
     assert config["records"] == 4 and config["unanswerable"] == 2 and config["baseline"] is True
     assert config["retrieval"]["threshold"] == runtime.settings.retrieval.threshold
 
