@@ -448,7 +448,7 @@ def _tree(folder: Path) -> dict[str, tuple[int, float]]:
 class HostileRun:
     returncode: int
     wall_s: float
-    peak_rss_mb: float  # the largest single process (the kernel's accounting of the child and what it reaped)
+    peak_rss_mb: float  # the largest single process's own peak RSS (VmHWM, sampled every 0.2 s)
     report: dict[str, Any]
     stderr: str
     untouched: dict[str, bool]  # folder -> nothing written there
@@ -504,7 +504,7 @@ def run_ingest(base: Path, kb: Path, clip_folder: Path, timeout_s: float = 900) 
                                  "--json"], env=env, cwd=cwd, stdout=out, stderr=err)
         deadline = started + timeout_s
         status = rusage = None
-        tree_peak = (0, 0)
+        tree_peak = (0, 0, 0)
         sampled = 0.0
         while time.monotonic() < deadline:
             if time.monotonic() - sampled >= 0.2:
@@ -530,12 +530,15 @@ def run_ingest(base: Path, kb: Path, clip_folder: Path, timeout_s: float = 900) 
     untouched = {name: before[name] == after[name] for name in watched}
     written = sorted(os.path.relpath(path, base) for name in watched for path, stat in after[name].items()
                      if before[name].get(path) != stat)
-    return HostileRun(proc.returncode, wall, rusage.ru_maxrss / 1024, report, stderr, untouched, written,
+    # Not wait4's ru_maxrss: Linux counts into a child's maxrss the memory it had before exec, a copy of (or, with
+    # vfork, the very) parent's, so under pytest it reports the test process's own size (5 GB late in a CI run).
+    return HostileRun(proc.returncode, wall, tree_peak[2] / 1024, report, stderr, untouched, written,
                       tree_peak[0] / 1024, tree_peak[1] / 1024)
 
 
-def tree_memory(root: int) -> tuple[int, int]:
-    """(RSS, PSS) in KiB summed over ``root`` and all its descendants, from /proc (zeros where it is missing)."""
+def tree_memory(root: int) -> tuple[int, int, int]:
+    """(RSS, PSS) in KiB summed over ``root`` and all its descendants, and the largest single process's own peak RSS
+    (VmHWM), from /proc (zeros where it is missing)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if entry.isdigit():
@@ -544,11 +547,18 @@ def tree_memory(root: int) -> tuple[int, int]:
                     children.setdefault(int(stat.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 continue
-    rss = pss = 0
+    rss = pss = hwm = 0
     todo = [root]
     while todo:
         pid = todo.pop()
         todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]))
+        except OSError:
+            continue
         try:
             with open(f"/proc/{pid}/smaps_rollup", encoding="ascii", errors="replace") as rollup:
                 for line in rollup:
@@ -558,7 +568,7 @@ def tree_memory(root: int) -> tuple[int, int]:
                         pss += int(line.split()[1])
         except OSError:
             continue
-    return rss, pss
+    return rss, pss, hwm
 
 
 def leaked(base: Path, profile_dir: Path) -> dict[str, int]:
