@@ -152,10 +152,8 @@ class GroundedGenerator:
         # A model that starts writing the source block's tags is echoing the prompt, not answering: stop there.
         params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, "<sources>", "</sources>",
                                                                        "<source"))))
-        # The decoder (generation.text._Citer) picks each sentence's source lexically whatever scorer is configured:
-        # the answer's words then do not depend on the judge (each marker is fed back to the model), and the pick at
-        # every sentence end costs about 0.002 of a decode step, where a cross-encoder costs one to five steps (README,
-        # Grounded generation). The configured scorer judges the finished answer's citations once, in finish().
+        # The decoder picks each sentence's source lexically whatever scorer is configured (generation.text._Citer
+        # says why); the configured scorer judges the finished answer's citations once, in finish().
         if self.settings.citation_mode == "constrained" and built.sources:
             params = dataclasses.replace(params, cite_evidence=tuple(
                 s.chunk.search_text for s in built.sources))
