@@ -11,9 +11,11 @@
    round), ``--rounds`` times:
    - ``pipeline_default``: ``GroundedGenerator(runtime).stream(question, query=Query(k_text=5, k_image=0))``, greedy,
      the profile's decoder features (citation_mode "constrained", repetition_penalty 1.3);
+   - ``pipeline_nodraft``: the default without drafted tokens (``models.llm.options.draft_tokens`` 0: one forward
+     pass per token; see ``generation.text._Drafter``);
    - ``pipeline_plain``: the same with citation_mode "free" and repetition_penalty 1.0: the bare decode loop;
-   - ``pipeline_plain_int8``: the plain loop over the lean decoder with int8 weights (opt-in, precision "int8";
-     the default decodes fp32 weights; see generation/decoder.py);
+   - ``pipeline_plain_int8`` / ``pipeline_plain_fp32``: the plain loop over the lean decoder with int8 weights
+     (opt-in, precision "int8") and with fp32 weights (the default; see generation/decoder.py);
    - ``pipeline_plain_transformers``: the plain loop over transformers' own forward pass (what ``generate`` runs),
      so its ratio to ``bare`` is the decode loop's own overhead;
    - ``bare``: the same rendered prompt (built with ``build_prompt`` from the same grounding, so the same tokens)
@@ -24,8 +26,10 @@
    end-of-turn ids are emptied (``llm.eos_ids``), so the loop goes on past the end of the answer, as
    ``min_new_tokens`` makes ``generate`` do. A first, untimed pass (also the warm-up) lets the answers end
    naturally: ``natural`` reports their lengths and texts, whether the plain loop's greedy text is the text
-   ``generate`` writes (it should be over fp32 weights: same prompt, same model, greedy), and on how many questions
-   the int8 weights write the same answer as the fp32 ones.
+   ``generate`` writes (it should be over fp32 weights: same prompt, same model, greedy), on how many questions
+   the int8 weights write the same answer as the fp32 ones, and whether drafting left the default's text unchanged.
+   The natural pass's decode rates (``natural.*.tokens_per_s``) are those of answers that end where the model
+   ends them; the timed pass runs on past the end, where a small model often repeats itself and drafts pay more.
    Pipeline figures are taken from the call: ``ttft_s`` to the first text piece (retrieval, prompt building,
    tokenising, prefill and the first token), ``total_s`` until the stream is exhausted (the citation check
    included); ``tokens_per_s`` is the decode rate (tokens after the first over the time after the first). Bare
@@ -55,12 +59,16 @@ from typing import Any
 
 import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
-MODES = ("pipeline_default", "pipeline_plain", "pipeline_plain_int8", "pipeline_plain_transformers", "bare")
+MODES = ("pipeline_default", "pipeline_nodraft", "pipeline_plain", "pipeline_plain_int8", "pipeline_plain_fp32",
+         "pipeline_plain_transformers", "bare")
 # The forward pass each pipeline mode decodes with: the profile's default (the lean decoder over fp32 weights,
 # greedy text equal to generate's), the lean decoder over int8 weights (opt-in: precision "int8"), and
 # transformers' own forward pass (the decode loop's overhead against generate on the same forward pass).
-DECODERS = {"pipeline_default": "default", "pipeline_plain": "default", "pipeline_plain_int8": "int8",
-            "pipeline_plain_transformers": None}
+DECODERS = {"pipeline_default": "default", "pipeline_nodraft": "default", "pipeline_plain": "default",
+            "pipeline_plain_int8": "int8", "pipeline_plain_fp32": "fp32", "pipeline_plain_transformers": None}
+# ``pipeline_nodraft`` is the default without drafted tokens (models.llm.options.draft_tokens 0): every token its
+# own forward pass. The other pipeline modes draft as the default does where their decoder is the lean one.
+NO_DRAFT = ("pipeline_nodraft",)
 _T0 = time.perf_counter()
 
 
@@ -216,26 +224,32 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
 
     gens = {mode: GroundedGenerator(runtime) for mode in MODES if mode != "bare"}
     for mode in gens:
-        if mode != "pipeline_default":
+        if mode not in ("pipeline_default", "pipeline_nodraft"):
             gens[mode].settings = load_settings(**overrides, generation=PLAIN).generation
     from generation.decoder import LeanDecoder
 
     decoders = {"default": llm.decoder, None: None}
-    decoders["int8"] = LeanDecoder(llm.model, "int8")
+    for form in ("int8", "fp32"):
+        decoders[form] = llm.decoder if llm.decoder.form == form else LeanDecoder(llm.model, form)
+    drafts = llm.draft_tokens
+
+    def use(mode: str) -> None:
+        llm.decoder = decoders[DECODERS[mode]]
+        llm.draft_tokens = 0 if mode in NO_DRAFT or llm.decoder is None else drafts
     default_gen = gens["pipeline_default"].settings
     assert gens["pipeline_plain"].settings.template == default_gen.template  # the same prompt for all three
     n = args.max_new_tokens
 
     # 3a. Untimed natural pass (and warm-up): answers end where the model ends them; the rendered prompts.
-    natural: dict[str, list[dict[str, Any]]] = {"pipeline_default": [], "pipeline_plain": [],
-                                                "pipeline_plain_int8": []}
+    natural: dict[str, list[dict[str, Any]]] = {"pipeline_default": [], "pipeline_nodraft": [], "pipeline_plain": [],
+                                                "pipeline_plain_int8": [], "pipeline_plain_fp32": []}
     prompts: list[str] = []
     skipped: list[str] = []
     for i, q in enumerate(list(questions)):
         note(f"natural pass {i + 1}/{args.questions}")
         rows = {}
         for mode in natural:
-            llm.decoder = decoders[DECODERS[mode]]
+            use(mode)
             rows[mode] = run_pipeline(gens[mode], q, n)
         if any(r["no_grounding"] for r in rows.values()):  # abstained without calling the model: nothing to time
             skipped.append(q)
@@ -264,21 +278,23 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
                     if mode == "bare":
                         row = run_bare(llm, prompts[i], n)
                     else:
-                        llm.decoder = decoders[DECODERS[mode]]
+                        use(mode)
                         row = run_pipeline(gens[mode], q, n)
                     row.update(question=i, round=round_no)
                     runs[mode].append(row)
     finally:
         llm.eos_ids = eos_ids
-        llm.decoder = decoders["default"]
+        use("pipeline_default")
 
     # Greedy equivalence: the plain loop's natural answer is a prefix of what generate writes (generate only
     # differs where min_new_tokens keeps it from ending).
     bare_text = {r["question"]: r["raw_text"] for r in runs["bare"] if r["round"] == 0}
     same = {mode: [bare_text[i].startswith(r["raw_text"]) for i, r in enumerate(natural[mode])]
-            for mode in ("pipeline_plain", "pipeline_plain_int8")}
+            for mode in ("pipeline_plain", "pipeline_plain_int8", "pipeline_plain_fp32")}
     int8_as_fp32 = [a["raw_text"] == b["raw_text"]
-                    for a, b in zip(natural["pipeline_plain_int8"], natural["pipeline_plain"], strict=True)]
+                    for a, b in zip(natural["pipeline_plain_int8"], natural["pipeline_plain_fp32"], strict=True)]
+    draft_same = [a["raw_text"] == b["raw_text"]
+                  for a, b in zip(natural["pipeline_default"], natural["pipeline_nodraft"], strict=True)]
     summary = {mode: _summary(rows) for mode, rows in runs.items()}
     ratios = {mode: _paired(runs[mode], runs["bare"]) for mode in MODES if mode != "bare"}
     decode = summary["pipeline_default"]["tokens_per_s"]
@@ -288,6 +304,7 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
         "model": f"{llm.name} (GGUF Q4_1 de-quantised to {str(llm.model.dtype).replace('torch.', '')}), "
                  f"transformers {_version('transformers')}",
         "default_decoder": llm.decoder_name,
+        "draft_tokens": drafts,
         "kb": {"passages": report.chunks.get("text", 0), "ingest_s": round(ingest_s, 1),
                "text_embedder": runtime.models.text_embedder.signature.model, "k_text": 5},
         "questions": len(questions),
@@ -306,11 +323,13 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
                            "finish_reasons": _count(r["finish_reason"] for r in rows),
                            "ttft_s": _median([r["ttft_s"] for r in rows]),
                            "total_s": _median([r["total_s"] for r in rows]),
+                           "tokens_per_s": _median([r["tokens_per_s"] for r in rows if r["tokens_per_s"]]),
                            "citations": sum(r["citations"] for r in rows),
                            "unsupported": sum(r["unsupported"] for r in rows),
                            "example": rows[0]["text"][:300]} for mode, rows in natural.items()},
         "plain_greedy_matches_generate": {mode: f"{sum(v)}/{len(v)}" for mode, v in same.items()},
         "plain_int8_text_equals_fp32": f"{sum(int8_as_fp32)}/{len(int8_as_fp32)}",
+        "default_text_equals_nodraft": f"{sum(draft_same)}/{len(draft_same)}",
         "targets": {
             "pipeline_overhead_max": 0.10,
             "overhead_met": {mode: r["total_overhead"] is not None and r["total_overhead"] <= 0.10

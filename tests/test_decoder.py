@@ -162,6 +162,10 @@ def test_wrong_settings_fail_loudly(tiny_llm_folder, tmp_path):
 
     with pytest.raises(ConfigError, match="options.decoder"):
         load(tiny_llm_folder, options={"decoder": "fast"})
+    for bad in (-1, 17, "4", True):
+        with pytest.raises(ConfigError, match="options.draft_tokens"):
+            load(tiny_llm_folder, options={"draft_tokens": bad})
+    assert load(tiny_llm_folder, options={"draft_tokens": 0}).draft_tokens == 0
     with pytest.raises(ConfigError, match="needs the lean decoder"):
         load(tiny_llm_folder, precision="int8", options={"decoder": "transformers"})
     with pytest.raises(ConfigError, match="models.llm"):
@@ -174,3 +178,77 @@ def test_wrong_settings_fail_loudly(tiny_llm_folder, tmp_path):
     with pytest.raises(ConfigError, match="does not cover this model: model type 'gpt2'"):
         load(gpt2, precision="int8")
     assert load(gpt2).decoder is None  # auto: transformers' forward pass, said in the log
+
+
+def test_rows_of_drafted_tokens_match_one_at_a_time(tiny_gqa_llama):
+    """Several tokens fed at once after the cache give, row by row, the logits of feeding them one at a time, and
+    setting the cache length back drops positions (how rejected drafted tokens are undone)."""
+    import torch
+
+    from generation.decoder import LeanDecoder
+
+    decoder = LeanDecoder(tiny_gqa_llama, "fp32")
+    ids = list(range(10, 50))
+    with torch.inference_mode():
+        cache = decoder.new_cache()
+        decoder.forward(ids, cache)
+        rows = decoder.forward([60, 61, 62, 63], cache, last=4)
+        assert rows.shape == (4, 300) and cache.length == 44
+        cache.length = 40  # drop the four
+        single = torch.stack([decoder.forward([t], cache) for t in (60, 61, 62, 63)])
+        cache.length = 42  # keep two, then go another way
+        other = decoder.forward([70], cache)
+        fresh = decoder.new_cache()
+        decoder.forward(ids + [60, 61], fresh)
+        want = decoder.forward([70], fresh)
+    assert torch.allclose(rows, single, atol=1e-4)
+    assert torch.allclose(other, want, atol=1e-4)
+
+
+def test_drafter_continues_the_latest_earlier_occurrence():
+    from generation.text import _Drafter
+
+    drafter = _Drafter([1, 2, 3, 4, 5, 9, 2, 3, 7, 8], limit=3)
+    drafter.extend([2, 3])
+    assert drafter.draft(room=10) == [7, 8, 2]  # "2 3" last went on with "7 8", then the answer's own "2"
+    drafter.extend([4])
+    assert drafter.draft(room=10) == [5, 9, 2]  # the 3-gram "2 3 4" occurs once, in the prompt
+    assert drafter.draft(room=1) == [5]
+    drafter.extend([42])
+    assert drafter.draft(room=10) == []  # "4 42" never occurred
+
+
+@pytest.mark.slow
+def test_drafting_keeps_the_greedy_text_and_saves_forward_passes(llm):
+    """With drafted tokens checked in one pass, the real model writes exactly its token-by-token greedy text, the
+    decoder's citations included, in fewer forward passes when the answer copies its source."""
+    from generation.text import SamplingParams
+
+    source = ("The Ford Mustang was introduced on 17 April 1964 at the New York World's Fair, and more than "
+              "a million were built in its first eighteen months.")
+    prompt = llm.render([{"role": "system", "content": f"Answer only from the sources and cite them as [n].\n"
+                                                       f"[1] {source}"},
+                         {"role": "user", "content": "Copy the first source word for word."}])
+    params = SamplingParams(max_new_tokens=40, repetition_penalty=1.3, cite_evidence=(source,))
+    calls = []
+    forward = llm.decoder.forward
+
+    def counted(tokens, cache, last=1):
+        calls.append(len(tokens))
+        return forward(tokens, cache, last)
+
+    texts, passes = [], []
+    saved = llm.draft_tokens
+    try:
+        llm.decoder.forward = counted
+        for draft in (0, 4):
+            llm.draft_tokens = draft
+            calls.clear()
+            texts.append(llm.complete(prompt, params).text)
+            passes.append(len(calls))
+    finally:
+        llm.draft_tokens = saved
+        del llm.decoder.forward
+    assert texts[0] == texts[1]
+    assert "1964" in texts[0] and "[1]" in texts[0]
+    assert passes[1] < passes[0] * 0.7, passes
