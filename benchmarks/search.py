@@ -15,11 +15,21 @@ rotating order:
   .retrieve(q)`` over the same milvus-lite data dir and collection (opened in this process: milvus-lite serves one
   data dir per process, and pymilvus reuses that server for a second client), with the same MiniLM behind a
   llama-index ``BaseEmbedding``;
-- the query embedding alone, to show what part of each figure is the model.
-Latency is wall time per call (embedding included): p50, p95, p99 and mean over the queries. Targets: ours p50 <=
-50 ms at 100k chunks, and faster than the llama-index path.
+- the query embedding alone, to show what part of each figure is the model;
+- one bare Milvus search of each kind as the retriever sends it (its filter and candidate limit, ids only): dense
+  (a fixed vector) and BM25 (the question), to show what part of each figure is the store;
+- with ``--compare-analyzer``, the hybrid path and the bare BM25 search again over a second knowledge base with the
+  same rows and Milvus' default BM25 analyzer (English stop words kept: what knowledge bases created before
+  ``milvus.bm25_stop_words`` had), so the two analyzers are compared in one run.
+Latency is wall time per call (embedding included): p50, p95, p99 and mean over the queries, and the ratios of the
+p50s. Targets: ours p50 <= 50 ms at 100k chunks, and faster than the llama-index path. The load average at the start
+and the end is printed: the machine is shared, so read the ratios.
 
-    python benchmarks/search.py [--sizes 10000 100000] [--queries 100] [--index-type HNSW]
+    python benchmarks/search.py [--sizes 10000 100000] [--queries 100] [--index-type HNSW] [--compare-analyzer]
+                                [--work-dir DIR]
+
+``--work-dir`` builds the knowledge bases there, or reuses the ones an earlier run left there (a 100k build is the
+slow part).
 
 Building takes about 5 s for 10k chunks and 2 minutes for 100k (milvus-lite 3.2 inserts about 1,000 rows/s at that
 size, computing BM25 vectors in Python); a first search of a fresh 100k collection takes about 40 s more (warm_up_s).
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -106,23 +117,27 @@ def stats(values: list[float]) -> dict[str, float]:
             "p99": round(percentile(values, 99), 2), "mean": round(mean(values), 2)}
 
 
-def bench_size(size: int, work: Path, embedder: Any, pool: list[str], questions: list[str],
-               index_type: str, progress: bool) -> dict[str, Any]:
-    from llama_index.core import VectorStoreIndex
-    from llama_index.vector_stores.milvus import MilvusVectorStore
+def build_kb(size: int, work: Path, embedder: Any, pool: list[str], index_type: str, stop_words: bool,
+             progress: bool) -> tuple[Any, dict[str, Any]]:
+    """A runtime over a knowledge base of ``size`` synthetic chunks under ``work``: built (rows straight into Milvus,
+    then one flush, which seals the segments and builds their indexes; unflushed rows would be searched by brute
+    force, BM25 rebuilding its index on every query), or reused when ``work`` already holds it (``--work-dir``)."""
     from tqdm import tqdm
 
     from mmrag.config import load_settings
     from mmrag.models import ModelSet
     from mmrag.runtime import Runtime
-    from retrieval.retriever import Query, Retriever
 
-    settings = load_settings(data_dir=work / f"kb{size}", milvus={"collection": f"bench{size}",
-                                                                  "index_type": index_type, "write_batch": 1000})
+    name = f"kb{size}" if stop_words else f"kb{size}-default-analyzer"
+    # No call time limit: under load, one 1,000-row upsert into a large milvus-lite collection (which may flush
+    # and compact) can take longer than the profile's 30 s.
+    settings = load_settings(data_dir=work / name, milvus={
+        "collection": f"bench{size}", "index_type": index_type, "write_batch": 1000, "timeout_s": None,
+        "bm25_stop_words": stop_words})
     runtime = Runtime(settings, ModelSet(settings, text_embedder=embedder, clip=None))
     index = runtime.index
-    # 1. Build the collection: rows straight into Milvus, then one flush (seals the segments and builds their
-    #    indexes; unflushed rows would be searched by brute force, BM25 rebuilding its index on every query).
+    if index.exists() and index.count() == size:
+        return runtime, {"reused": True}
     index.ensure(embedder.signature, None)
     generate_s = insert_s = 0.0
     step = 10_000
@@ -139,18 +154,55 @@ def bench_size(size: int, work: Path, embedder: Any, pool: list[str], questions:
     index.client.flush(index.chunks)
     flush_s = time.perf_counter() - start
     assert index.count() == size, f"expected {size} chunks, found {index.count()}"
+    return runtime, {"generate_rows_s": round(generate_s, 1), "insert_s": round(insert_s, 1),
+                     "insert_rows_per_s": round(size / insert_s), "flush_s": round(flush_s, 1)}
 
-    # 2. The two paths over the same collection and model.
-    retriever = Retriever(runtime)
+
+def bench_size(size: int, work: Path, embedder: Any, pool: list[str], questions: list[str],
+               index_type: str, compare_analyzer: bool, progress: bool) -> dict[str, Any]:
+    from llama_index.core import VectorStoreIndex
+    from llama_index.vector_stores.milvus import MilvusVectorStore
+    from tqdm import tqdm
+
+    from retrieval.retriever import TEXT_MODALITIES, Query, Retriever
+
+    # 1. The knowledge base (BM25 without English stop words, the default), and with --compare-analyzer a second
+    #    one with the same rows and Milvus' default analyzer (what knowledge bases created before had).
+    runtime, build = build_kb(size, work, embedder, pool, index_type, True, progress)
+    runtimes = {"": runtime}
+    builds = {"stop_words": build}
+    if compare_analyzer:
+        runtimes["_default_analyzer"], builds["default_analyzer"] = build_kb(
+            size, work, embedder, pool, index_type, False, progress)
+    index = runtime.index
+    settings = runtime.settings
+
+    # 2. The paths over the same collection and model.
     store = MilvusVectorStore(uri=settings.milvus_uri, collection_name=index.chunks, dim=embedder.signature.dim,
                               embedding_field="text_vector", text_key="text", doc_id_field="doc_id", overwrite=False,
                               similarity_metric="COSINE", use_async_client=False)
     llama = VectorStoreIndex.from_vector_store(store, embed_model=llama_embedding(embedder)).as_retriever(
         similarity_top_k=5)
-    paths = {
-        "ours_hybrid": lambda q: retriever.retrieve(Query(text=q, k_text=5, k_image=0)).text_hits,
-        "ours_dense": lambda q: retriever.retrieve(Query(text=q, k_text=5, k_image=0, mode="dense")).text_hits,
+    limit = 5 * settings.retrieval.candidates
+    expr = f'tenant == "{settings.tenant}" and modality in {TEXT_MODALITIES}'
+
+    def raw_search(field: str, metric: str, vector: Any, run: Any = runtime) -> Any:
+        """One bare Milvus search as the retriever sends it (its filter and candidate limit), ids only."""
+        return run.index.client.search(run.index.chunks, data=[vector], anns_field=field, limit=limit,
+                                       search_params={"metric_type": metric}, filter=expr, output_fields=["id"])
+
+    fixed_vector = embedder.encode(["a fixed query vector"])[0].tolist()
+    paths: dict[str, Any] = {}
+    for suffix, run in runtimes.items():
+        retriever = Retriever(run)
+        paths[f"ours_hybrid{suffix}"] = (
+            lambda q, r=retriever: r.retrieve(Query(text=q, k_text=5, k_image=0)).text_hits)
+        paths[f"milvus_bm25_search{suffix}"] = lambda q, r=run: raw_search("sparse", "BM25", q, r)
+    paths |= {
+        "ours_dense": lambda q, r=Retriever(runtime): r.retrieve(Query(text=q, k_text=5, k_image=0,
+                                                                       mode="dense")).text_hits,
         "llama_index_dense": lambda q: llama.retrieve(q),
+        "milvus_dense_search": lambda q: raw_search("text_vector", "COSINE", fixed_vector),
         "embedding_only": lambda q: embedder.encode([q]),
     }
     # 3. Warm up (the first searches load segments and build what the index builds lazily), timed.
@@ -159,7 +211,7 @@ def bench_size(size: int, work: Path, embedder: Any, pool: list[str], questions:
         for call in paths.values():
             call(q)
     warm_s = time.perf_counter() - start
-    found = {name: len(call(questions[0])) for name, call in paths.items() if name != "embedding_only"}
+    found = {name: len(call(questions[0])) for name, call in paths.items() if name.startswith(("ours", "llama"))}
     # 4. Interleaved, the order rotating from query to query.
     names = list(paths)
     latencies: dict[str, list[float]] = {name: [] for name in names}
@@ -170,15 +222,28 @@ def bench_size(size: int, work: Path, embedder: Any, pool: list[str], questions:
             paths[name](q)
             latencies[name].append((time.perf_counter() - start) * 1000.0)
     store.client.close()
-    runtime.close()
+    for run in runtimes.values():
+        run.close()
+    p50 = {name: percentile_of(values) for name, values in latencies.items()}
+    ratios = {"llama_index_dense_over_ours_hybrid_p50": round(p50["llama_index_dense"] / p50["ours_hybrid"], 2)}
+    if compare_analyzer:
+        ratios["default_analyzer_over_stop_words_hybrid_p50"] = round(
+            p50["ours_hybrid_default_analyzer"] / p50["ours_hybrid"], 2)
+        ratios["default_analyzer_over_stop_words_bm25_search_p50"] = round(
+            p50["milvus_bm25_search_default_analyzer"] / p50["milvus_bm25_search"], 2)
     return {
         "chunks": size,
-        "build": {"generate_rows_s": round(generate_s, 1), "insert_s": round(insert_s, 1),
-                  "insert_rows_per_s": round(size / insert_s), "flush_s": round(flush_s, 1),
-                  "warm_up_s": round(warm_s, 1)},
+        "build": builds | {"warm_up_s": round(warm_s, 1)},
         "hits_per_query": found,
         "latency_ms": {name: stats(values) for name, values in latencies.items()},
+        "ratios": ratios,
     }
+
+
+def percentile_of(values: list[float]) -> float:
+    from eval.metrics import percentile
+
+    return percentile(values, 50)
 
 
 def main() -> None:
@@ -188,6 +253,11 @@ def main() -> None:
     parser.add_argument("--index-type", default=None, help="dense index [default: the profile's]")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the knowledge bases (printed as work_dir)")
+    parser.add_argument("--work-dir", type=Path, default=None, help="build the knowledge bases here, or reuse the "
+                        "ones a --keep run left there (kept afterwards)")
+    parser.add_argument("--compare-analyzer", action="store_true", help="also time the hybrid path and the bare "
+                        "BM25 search on a copy of each knowledge base with Milvus' default BM25 analyzer (stop words "
+                        "kept), interleaved with the rest")
     args = parser.parse_args()
     _common.offline_env()
 
@@ -205,9 +275,13 @@ def main() -> None:
     base = load_settings()
     index_type = args.index_type or base.milvus.index_type
     embedder = ModelSet(base).text_embedder
-    work = Path(tempfile.mkdtemp(prefix="mmrag-search-bench-"))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="mmrag-search-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    keep = args.keep or args.work_dir is not None
     progress = sys.stderr.isatty()
-    results = [bench_size(size, work, embedder, pool, questions, index_type, progress) for size in args.sizes]
+    load_start = [round(x, 1) for x in os.getloadavg()]
+    results = [bench_size(size, work, embedder, pool, questions, index_type, args.compare_analyzer, progress)
+               for size in args.sizes]
     out = {
         "benchmark": "search",
         "store": f"milvus-lite {version('milvus-lite')} embedded (pymilvus {version('pymilvus')}), "
@@ -225,11 +299,12 @@ def main() -> None:
         "sizes": {str(r["chunks"]): r for r in results},
         "targets": {"ours_p50_ms_at_100k": 50, "ours_faster_than_llama_index": True},
         "machine": _common.machine(),
+        "load_average_1_5_15_min": {"start": load_start, "end": [round(x, 1) for x in os.getloadavg()]},
     }
-    if args.keep:
+    if keep:
         out["work_dir"] = str(work)
     print(json.dumps(out, indent=2))
-    if not args.keep:
+    if not keep:
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -65,6 +65,8 @@ class MilvusSection(_Section):
     # The longest one Milvus call may take before it fails (StoreError, HTTP 503): a server that hangs (stopped,
     # partitioned away) would otherwise hold every request forever. None: no limit.
     timeout_s: float | None = Field(default=30.0, gt=0)
+    # BM25 ignores English stop words (mmrag.index.BM25_ANALYZER); fixed when a knowledge base is created.
+    bm25_stop_words: bool = True
 
     @field_validator("collection")
     @classmethod

@@ -81,6 +81,34 @@ def test_modes_use_only_their_signal(kb):
     assert "Mustang" in bm25.text_hits[0].chunk.text
 
 
+def test_bm25_ignores_english_stop_words(kb, tmp_path, text_embedder):
+    """BM25 drops English stop words (they match nearly every passage and cost milvus-lite a walk over each one's
+    whole posting list): a query of stop words alone finds nothing by BM25, and adding one to a query leaves its
+    BM25 scores as they were. The analyzer is part of the collection, so a Milvus server applies the same words."""
+    from mmrag.index import BM25_ANALYZER
+
+    assert retrieve(kb, text="The and of was", k_text=3, k_image=0, mode="bm25").text_hits == ()
+    plain = retrieve(kb, text="Mustang prototype", k_text=3, k_image=0, mode="bm25").text_hits
+    padded = retrieve(kb, text="the Mustang and the prototype of it", k_text=3, k_image=0, mode="bm25").text_hits
+    assert plain and [h.chunk.id for h in padded] == [h.chunk.id for h in plain]
+    assert [h.scores["bm25"] for h in padded] == pytest.approx([h.scores["bm25"] for h in plain])
+    fields = kb.index.client.describe_collection(kb.index.chunks)["fields"]
+    params = next(f for f in fields if f["name"] == "text")["params"]
+    analyzer = params["analyzer_params"]
+    assert (json.loads(analyzer) if isinstance(analyzer, str) else analyzer) == BM25_ANALYZER
+    # milvus.bm25_stop_words = false: Milvus' default analyzer, stop words searched like any other word.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "note.txt").write_text("The Ford Mustang was introduced in April 1964.")
+    default = _runtime(tmp_path / "data", text_embedder, None, milvus={"bm25_stop_words": False})
+    try:
+        default.ingestor.ingest([corpus])
+        hits = retrieve(default, text="The and of was", k_text=3, k_image=0, mode="bm25").text_hits
+        assert [h.chunk.text for h in hits] == ["The Ford Mustang was introduced in April 1964."]
+    finally:
+        default.close()
+
+
 def test_duplicates_are_dropped(kb):
     hits = retrieve(kb, text=MUSTANG, k_text=4, k_image=0).text_hits
     texts = [h.chunk.text for h in hits]
