@@ -90,6 +90,12 @@ def _released(exc: Exception) -> bool:
     return getattr(exc, "code", None) == 101 or "released" in text or "not loaded" in text.lower()
 
 
+def _connection_lost(exc: Exception) -> bool:
+    """The call could not reach the server (gone, restarting): not a timeout of a live but slow or hung one."""
+    text = str(getattr(exc, "message", "") or exc)
+    return "Fail connecting" in text or "server unavailable" in text or "UNAVAILABLE" in text
+
+
 def _milvus_error(exc: Exception, uri: str) -> StoreError:
     text = str(getattr(exc, "message", "") or exc)
     if "Open local milvus failed" in text or "lock" in text.lower():
@@ -116,6 +122,9 @@ class MilvusIndex:
         self._schema: dict[str, Any] | None = None
         self._reload_lock = threading.Lock()
         self._reloading = threading.local()
+        # Set when the connection to Milvus was lost (a call failed to connect, or the channel is not READY): the
+        # next call first opens the knowledge base's collections alone (see _reopen_alone).
+        self._reopen = True
 
     # -- connection -------------------------------------------------------------------------------------------
     @property
@@ -143,7 +152,20 @@ class MilvusIndex:
                 self._client = MilvusClient(self.uri, **kwargs)
             except Exception as exc:  # noqa: BLE001 - pymilvus raises many types
                 raise _milvus_error(exc, self.uri) from exc
+            self._reopen = True
         return self._client
+
+    def _channel_dropped(self) -> bool:
+        """The client's gRPC channel is not READY: its connection closed (the server went away, even while no call
+        was in flight; a channel reconnects only when a call needs it). A pymilvus whose channel cannot be
+        inspected answers False: failed calls still mark a lost connection."""
+        try:
+            from grpc._cython import cygrpc
+
+            channel = self._client._get_connection()._channel._channel
+            return channel.check_connectivity_state(False) != cygrpc.ConnectivityState.ready
+        except Exception:  # noqa: BLE001 - a diagnostic, never a failure
+            return False
 
     def close(self) -> None:
         if self._client is not None:
@@ -165,11 +187,16 @@ class MilvusIndex:
         holding them)."""
         if self.settings.milvus.timeout_s and getattr(fn, "__self__", None) is self._client:
             kwargs.setdefault("timeout", self.settings.milvus.timeout_s)
+        if not getattr(self._reloading, "active", False) and (self._reopen or self._channel_dropped()):
+            self._reopen = True
+            self._reopen_alone()
         try:
             return fn(*args, **kwargs)
         except (EncoderMismatchError, NotFoundError):
             raise
         except Exception as exc:  # noqa: BLE001
+            if _connection_lost(exc):
+                self._reopen = True
             if not _released(exc) or getattr(self._reloading, "active", False):
                 raise _milvus_error(exc, self.uri) from exc
             logger.warning("Milvus at %s holds the knowledge base released (a restarted server?): loading it again",
@@ -181,6 +208,34 @@ class MilvusIndex:
             raise
         except Exception as exc:  # noqa: BLE001
             raise _milvus_error(exc, self.uri) from exc
+
+    def _reopen_alone(self) -> None:
+        """After the connection was lost, open the knowledge base's collections before any other call goes out.
+
+        ``milvus-lite server`` opens a collection from disk on the first request that names it, without a lock: two
+        requests that arrive together at a restarted server can each open their own copy. One copy is kept; writes
+        that went to the other are acknowledged and lost, and its background compaction can rewrite the files and
+        the manifest under the kept one, losing rows written long before (benchmarks/milvus_lite_open_race.py
+        reproduces it). So the first call after a lost connection opens both collections (a load-state query,
+        which any Milvus server answers cheaply) while every other call of this index waits. Calls fail fast as
+        before while the server is gone: each one finds the flag still set and fails on its own opening call."""
+        with self._reload_lock:
+            if not self._reopen:
+                return
+            self._reloading.active = True
+            # A client timeout does not stop the server opening the collection, and the next caller's call would
+            # open a second copy beside it: wait longer than milvus.timeout_s (a server that refuses connections
+            # still fails this at once).
+            wait = max(self.settings.milvus.timeout_s, 30) if self.settings.milvus.timeout_s else None
+            try:
+                for name in (self.chunks, self.docs):
+                    # has_collection only reads the server's catalogue; get_load_state opens the collection. Loading
+                    # a released one is left to the call that needs it (_reload).
+                    if self._call(self.client.has_collection, name, timeout=wait):
+                        self._call(self.client.get_load_state, name, timeout=wait)
+                self._reopen = False
+            finally:
+                self._reloading.active = False
 
     def _reload(self) -> None:
         """Load the collections again (one thread at a time; the others wait and then find them loaded)."""
@@ -369,6 +424,28 @@ class MilvusIndex:
         """Remove a document's chunks, then its record (so an interrupted delete is retried, never half-done)."""
         self._call(self.client.delete, self.chunks, filter=f"doc_id == {quote(doc_id)}")
         self._call(self.client.delete, self.docs, ids=[doc_id])
+
+    def stored_state(self, doc_id: str, version: str | None) -> str | None:
+        """Read back what a write left (strong consistency: a write just acknowledged is visible): None when
+        ``version`` is None and nothing of the document is stored, or when its record holds ``version`` and exactly
+        the record's chunks of that version are stored; otherwise what differs."""
+        strong = {"consistency_level": "Strong"}
+        rows = self._call(self.client.get, self.docs, ids=[doc_id], output_fields=DOC_FIELDS, **strong)
+        record = DocRecord.from_row(rows[0]) if rows else None
+        expr = f"doc_id == {quote(doc_id)}"
+        total = self._call(self.client.query, self.chunks, filter=expr, output_fields=["count(*)"], **strong)
+        total = int(total[0]["count(*)"]) if total else 0
+        if version is None:
+            return None if record is None and total == 0 else f"record {record is not None}, {total} chunks left"
+        if record is None or record.version != version:
+            return f"record of version {record.version[:12] if record else None}, expected {version[:12]}"
+        expected = record.n_text + record.n_image
+        current = self._call(self.client.query, self.chunks, filter=f"{expr} and version == {quote(version)}",
+                             output_fields=["count(*)"], **strong)
+        current = int(current[0]["count(*)"]) if current else 0
+        if current != expected or total != expected:
+            return f"{current} chunks of the version, {total} in all, the record counts {expected}"
+        return None
 
     def delete_all(self) -> None:
         for name in (self.chunks, self.docs):

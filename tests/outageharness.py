@@ -18,7 +18,10 @@ Checks (``OutageRun.problems`` lists every violation):
   the server is down and 200 after;
 - no lost acknowledged writes: at the end the tenant's store holds exactly the acknowledged uploads that were not
   acknowledged as deleted, chunk for chunk (one text or image chunk each, of the uploaded version, the text
-  carrying its marker), and nothing else (no orphaned chunks of failed writes, no document of a delete).
+  carrying its marker), and nothing else (no orphaned chunks of failed writes, no document of a delete). A lost
+  upload is reported with its history (every upload and delete request for it, when, and its answer) and the times
+  of the outages; ``writes.rewritten_after_read_back`` counts the uploads and deletes the API's read-back found
+  missing and wrote again before answering.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class OutageRun:
     stored: dict[str, Any] = field(default_factory=dict)
     drained: dict[str, Any] = field(default_factory=dict)  # writes still unacknowledged when the load stopped
     problems: list[str] = field(default_factory=list)
+    journal: list[tuple[float, str, str, int | None]] = field(default_factory=list)  # (t, kind, name, status)
     started: float = 0.0
     ended: float = 0.0
 
@@ -240,8 +244,11 @@ class _Load:
         return upload
 
     def upload(self, client: httpx.Client, upload: Upload) -> None:
+        t0 = time.monotonic()
         response = self.call(client, "upload", "POST", "/v1/documents",
                              files=[("files", (upload.name, upload.data, "application/octet-stream"))])
+        with self.lock:
+            self.run.journal.append((t0, "upload", upload.name, response.status_code if response else None))
         report = response.json() if response is not None and response.status_code == 200 else None
         if report is not None and not report["failed"] and len(report["documents"]) == 1:
             upload.doc_id = report["documents"][0]["doc_id"]
@@ -260,9 +267,11 @@ class _Load:
     def delete(self, client: httpx.Client, upload: Upload, retry: bool = False) -> None:
         with self.lock:
             self.deleting.add(upload.doc_id)
+        t0 = time.monotonic()
         response = self.call(client, "delete", "DELETE", f"/v1/documents/{upload.doc_id}", retry=retry)
         status = response.status_code if response is not None else None
         with self.lock:
+            self.run.journal.append((t0, "delete", upload.name, status))
             self.deleting.discard(upload.doc_id)
             if status == 200 or (status == 404 and retry):  # a retried delete may find its work done
                 self.run.deleted.add(upload.doc_id)
@@ -272,9 +281,10 @@ class _Load:
                 self.retry_deletes.append(upload)
 
     def step(self, client: httpx.Client, rng: random.Random) -> None:
-        with self.lock:
+        with self.lock:  # one retry a step (a write popped and not sent would never be retried)
             retry_upload = self.retry_uploads.pop(0) if self.retry_uploads and rng.random() < 0.5 else None
-            retry_delete = self.retry_deletes.pop(0) if self.retry_deletes and rng.random() < 0.5 else None
+            retry_delete = (self.retry_deletes.pop(0) if retry_upload is None and self.retry_deletes
+                            and rng.random() < 0.5 else None)
         if retry_upload is not None:
             self.run.retries["upload"] += 1
             self.upload(client, retry_upload)
@@ -486,10 +496,18 @@ def check_store(run: OutageRun, app: Any) -> list[str]:
             wrong.append((upload.name, f"record counts {record.n_text}/{record.n_image}"))
     if wrong:
         problems.append(f"acknowledged uploads whose chunks differ: {wrong}")
+    for name in sorted({w[0] for w in wrong} | set(lost))[:5]:  # what the clients did with them, and when
+        history = [(round(t - run.started, 2), kind, status) for t, kind, n, status in run.journal if n == name]
+        outages = [(o.signal, round(o.stop_at - run.started, 2), round(o.back_at - run.started, 2))
+                   for o in run.outages]
+        problems.append(f"history of {name}: {history}; outages (signal, stop, back): {outages}")
     for doc_id in run.deleted:
         if doc_id in records or doc_id in by_doc:
             problems.append(f"acknowledged delete of {doc_id} still present")
+    registry = app.state.api.metrics.registry
+    repairs = {kind: int(registry.get_sample_value("mmrag_store_repairs_total", {"kind": kind}) or 0)
+               for kind in ("upload", "delete")}
     run.stored = {"documents_stored": len(records), "chunks_stored": len(rows), "lost": len(lost),
                   "unexpected_documents": len(extra), "orphaned_chunks": sum(len(by_doc[d]) for d in orphans),
-                  "wrong_chunks": len(wrong)}
+                  "wrong_chunks": len(wrong), "rewritten_after_read_back": repairs}
     return problems

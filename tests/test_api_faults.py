@@ -26,8 +26,7 @@ def test_milvus_outages_under_load_fail_fast_recover_and_lose_no_acknowledged_wr
                       settle_s=4, clients=3, seed=8, fail_fast_s=12)
     figures = run.figures()
     print(figures)
-    losses = run.write_losses()
-    assert [p for p in run.problems if p not in losses] == [], run.problems
+    assert run.problems == [], run.problems
     # The load really met the outages: failures of several kinds, all 503 with Retry-After, all fast. A server
     # that is gone refuses connections: failures come back in well under a second, the slowest after a few
     # (an upload waits for the write lock). A hung one costs a call its milvus.timeout_s (3 s here), plus the wait
@@ -43,11 +42,6 @@ def test_milvus_outages_under_load_fail_fast_recover_and_lose_no_acknowledged_wr
     assert writes["uploads_acknowledged"] >= 10 and writes["deletes_acknowledged"] >= 1, writes
     assert writes["lost"] == writes["orphaned_chunks"] == writes["unexpected_documents"] == 0, writes
     assert all(o["recovered_after_s"] is not None and o["recovered_after_s"] < 20 for o in figures["outages"])
-    if losses:
-        # Seen in about one run in four, not yet explained: after a server restart, a few acknowledged uploads have
-        # their document record but not their chunks (README, Reliability). Everything else above holds strictly;
-        # this shows as XFAIL with the uploads and the outage that lost them, never as a pass.
-        pytest.xfail(f"acknowledged uploads lost their chunks across a milvus-lite server restart: {losses}")
 
 
 def test_api_starts_while_milvus_is_down_and_becomes_ready_when_it_returns(make_runtime, tmp_path, milvus_server):
@@ -110,3 +104,99 @@ def test_a_knowledge_base_creation_cut_short_is_completed_by_the_next_ingest(mak
     assert report.failed == () and report.added == 1, report
     assert index.schema()["partition_key"] is True and index.count() == 1
     assert [d.source for d in index.documents()] == [str(kb / "mustang.md")]
+
+
+def _race_upserts(index, rows: list[dict]) -> list[str]:
+    """Upsert each row from its own thread, all at once; the ids whose upsert was acknowledged."""
+    import threading
+
+    barrier = threading.Barrier(len(rows))
+    acked: list[str] = []
+
+    def write(row: dict) -> None:
+        barrier.wait()
+        index.upsert_chunks([row])
+        acked.append(row["id"])
+
+    threads = [threading.Thread(target=write, args=(row,)) for row in rows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return acked
+
+
+def test_writes_racing_to_a_restarted_server_are_all_kept(make_runtime, milvus_server, monkeypatch):
+    """A restarted milvus-lite server opens a collection on the first request naming it, without a lock: writes
+    that arrive together each open their own copy, and those that went to the copies it drops are acknowledged and
+    lost (benchmarks/milvus_lite_open_race.py). The index opens the collections alone before its first call after
+    the connection dropped (noticed from the channel, with no call in flight), so every acknowledged write stays."""
+    from mmrag.index import CHUNK_FIELDS, MilvusIndex, quote
+
+    runtime = make_runtime(milvus={"uri": milvus_server.uri})
+    kb = Path(runtime.settings.data_dir) / "kb"
+    kb.mkdir(parents=True)
+    (kb / "mustang.md").write_text(MUSTANG_TEXT)
+    assert runtime.ingestor.ingest([kb]).added == 1
+    index = runtime.index
+    vectors = ["text_vector"] + (["clip_vector"] if index.has_clip else [])
+    template = index.client.query(index.chunks, filter='id != ""', output_fields=CHUNK_FIELDS + vectors)[0]
+
+    def rows(tag: str) -> list[dict]:
+        return [{**template, "id": f"{tag}-{i}"} for i in range(8)]
+
+    def restart_and_race(tag: str) -> tuple[list[str], set[str]]:
+        milvus_server.stop("SIGKILL")
+        milvus_server.start()
+        acked = _race_upserts(index, rows(tag))
+        kept = {r["id"] for r in index.chunk_rows(f"id like {quote(tag + '-%')}", ["id"])}
+        return acked, kept
+
+    # The fault is real: with the collections not opened first, racing writes are lost (8 threads lose some in
+    # nearly every round; three rounds are allowed to show it).
+    real_open = MilvusIndex._reopen_alone
+    monkeypatch.setattr(MilvusIndex, "_reopen_alone", lambda self: setattr(self, "_reopen", False))
+    lost = []
+    for attempt in range(3):
+        acked, kept = restart_and_race(f"bare{attempt}")
+        assert len(acked) == 8
+        lost = sorted(set(acked) - kept)
+        if lost:
+            break
+    assert lost, "milvus-lite kept every racing write: has its collection opening become safe?"
+    monkeypatch.setattr(MilvusIndex, "_reopen_alone", real_open)
+    for attempt in range(3):
+        acked, kept = restart_and_race(f"gated{attempt}")
+        assert len(acked) == 8 and set(acked) <= kept, sorted(set(acked) - kept)
+
+
+def test_an_upload_is_read_back_before_it_is_acknowledged(make_runtime, tmp_path, milvus_server):
+    """An upload whose record is stored but whose chunks are not (a lost chunk write: the retried upload then finds
+    the file unchanged) is written again before the answer; a delete whose chunks come back is deleted again."""
+    from starlette.testclient import TestClient
+
+    from mmrag.api.app import create_app
+    from tests.test_api import wait_ready
+
+    app = create_app(make_runtime(milvus={"uri": milvus_server.uri}, api=api_settings(tmp_path)))
+    with TestClient(app, client=("127.0.0.1", 1)) as client:
+        wait_ready(client)
+        files = [("files", ("mustang.md", MUSTANG_TEXT.encode()))]
+        first = client.post("/v1/documents", headers=A, files=files)
+        assert first.status_code == 200 and first.json()["added"] == 1, first.text
+        doc_id = first.json()["documents"][0]["doc_id"]
+        index = app.state.api.runtime.index
+        index.client.delete(index.chunks, filter=f'doc_id == "{doc_id}"')  # the chunk write that was lost
+        index.flush()
+        assert index.stored_state(doc_id, index.document(doc_id).version) is not None
+        again = client.post("/v1/documents", headers=A, files=files)
+        assert again.status_code == 200 and again.json()["documents"][0]["doc_id"] == doc_id, again.text
+        record = index.document(doc_id)
+        assert index.stored_state(doc_id, record.version) is None and index.count(f'doc_id == "{doc_id}"') >= 1
+        hits = client.post("/v1/search", headers=A, json={"text": "When was the Mustang introduced?"}).json()
+        assert hits["text"] and hits["text"][0]["doc_id"] == doc_id
+        registry = app.state.api.metrics.registry
+        assert registry.get_sample_value("mmrag_store_repairs_total", {"kind": "upload"}) == 1
+        # The read-back is of what is stored: an intact upload is not written twice.
+        assert client.post("/v1/documents", headers=A, files=files).json()["unchanged"] == 1
+        assert registry.get_sample_value("mmrag_store_repairs_total", {"kind": "upload"}) == 1

@@ -470,6 +470,7 @@ def create_app(target: Settings | Runtime) -> FastAPI:
             except NotFoundError:
                 raise not_found("document") from None
             st.runtime.ingestor.delete([record.doc_id], who.tenant)
+            _confirm_deleted(st, record.doc_id)
             folder = st.tenant_dir(who.tenant).resolve()
             source = Path(record.source)
             if source.parent == folder and source.is_file():
@@ -655,6 +656,7 @@ def _ingest_uploads(st: ApiState, tenant: str, uploads: list[Any]) -> dict[str, 
                 tmp.unlink(missing_ok=True)
         try:
             report = st.runtime.ingestor.ingest([p for _, p in stored], tenant=tenant) if stored else IngestReport()
+            _confirm_uploads(st, tenant, [p for _, p in stored], {f.source for f in report.failed})
         except BaseException:  # e.g. Milvus down (503): the client retries; keep no file it was not told about
             for path in fresh:
                 path.unlink(missing_ok=True)
@@ -670,6 +672,47 @@ def _ingest_uploads(st: ApiState, tenant: str, uploads: list[Any]) -> dict[str, 
                               Failure(_display_name(f.source, folder), f.reason) for f in report.failed),
                           chunks=report.chunks)
     return _report_json(st, report, ingested, tenant)
+
+
+def _confirm_uploads(st: ApiState, tenant: str, paths: list[Path], failed: set[str]) -> None:
+    """Read back every upload about to be acknowledged: its record holds the file's version and exactly that
+    version's chunks are stored. A write the store acknowledged and then did not keep (milvus-lite server: see
+    ``MilvusIndex._reopen_alone``), or a retried upload whose first attempt left a record without its chunks (the
+    ingest then finds it unchanged), is written again from the stored file; StoreError (503, the client retries)
+    when it still is not there. Costs one point read and two counts per document."""
+    index = st.runtime.index
+    for path in paths:
+        if str(path) in failed:
+            continue
+        doc_id = Document.make_id(str(path), tenant)
+        version = hashlib.sha256(path.read_bytes()).hexdigest()  # Document.version: the sha256 of the bytes
+        problem = index.stored_state(doc_id, version)
+        if problem is None:
+            continue
+        logger.warning("upload %s is not stored as written (%s): writing it again", path.name, problem)
+        st.metrics.store_repairs.labels("upload").inc()
+        index.delete_document(doc_id)  # the record too: the ingest then redoes the file instead of skipping it
+        report = st.runtime.ingestor.ingest([path], tenant=tenant)
+        problem = "; ".join(f.reason for f in report.failed) or index.stored_state(doc_id, version)
+        if problem:
+            raise StoreError(f"Milvus did not keep the upload {path.name!r} ({problem}); try again")
+
+
+def _confirm_deleted(st: ApiState, doc_id: str) -> None:
+    """Read back an acknowledged delete: neither the record nor a chunk of the document is left (else delete
+    again, then StoreError)."""
+    index = st.runtime.index
+    problem = index.stored_state(doc_id, None)
+    if problem is None:
+        return
+    logger.warning("deleted document %s is still stored (%s): deleting it again", doc_id, problem)
+    st.metrics.store_repairs.labels("delete").inc()
+    st.runtime.ingestor.blobs.mark_pending_gc()  # the next ingest or delete sweeps its images
+    index.delete_document(doc_id)
+    index.flush()
+    problem = index.stored_state(doc_id, None)
+    if problem:
+        raise StoreError(f"Milvus did not delete document {doc_id} ({problem}); try again")
 
 
 def _display_name(source: str, folder: Path) -> str:

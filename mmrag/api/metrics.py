@@ -27,6 +27,8 @@ class Metrics:
         self.generated_tokens = Counter("mmrag_generated_tokens_total", "Tokens generated", registry=r)
         self.generations_running = Gauge("mmrag_generations_admitted", "Generations running or queued", registry=r)
         self.searches = Counter("mmrag_searches_total", "Searches by grounded outcome", ["grounded"], registry=r)
+        self.store_repairs = Counter("mmrag_store_repairs_total", "Acknowledged-to-be writes that the read-back "
+                                     "found missing in Milvus and wrote again, by kind", ["kind"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
