@@ -13,8 +13,9 @@ Here each document is parsed by ``ingest.parsers.parse_file`` in a worker proces
 - **crashes**: a worker that dies (a segfault in a C parser, an outside kill) is replaced and the file is tried once
   more in a fresh worker before it is refused; the other files of the batch never notice.
 
-Workers are kept alive between files and ingests: one pool per process (``shared_pool``), started lazily on the
-first document, restarted after a kill. They come from a ``forkserver`` (``spawn`` where there is none): a clean
+Workers are kept alive between files and ingests: one pool per process (``shared_pool``), started on the first
+document (or in the background by ``ParserPool.prestart`` when an ingest knows documents are coming), restarted
+after a kill. They come from a ``forkserver`` (``spawn`` where there is none): a clean
 process that imported the parser modules once, so a new worker is a cheap fork of it and never a fork of the
 ingest process with its torch/OpenMP threads. The workers die with their parent: the forkserver exits when the
 process that started it goes away (its end of a pipe closes), and on Linux each worker asks the kernel to SIGKILL
@@ -362,6 +363,24 @@ class ParserPool:
                     worker.kill()
                 self._count -= 1
             self._cond.notify()
+
+    def prestart(self) -> None:
+        """Start the missing workers in background threads, so that the first documents find them ready (their
+        start-up imports the parsers: seconds). A start that fails is left to the parse that needs the worker,
+        which then tries again and reports it."""
+        with self._cond:
+            missing = self.size - self._count
+
+        def start() -> None:
+            try:
+                worker = self._checkout()
+            except MmragError as exc:
+                logger.debug("starting a parse worker in the background failed: %s", exc)
+                return
+            self._checkin(worker, keep=True)
+
+        for _ in range(max(0, missing)):
+            threading.Thread(target=start, name="mmrag-parse-start", daemon=True).start()
 
     def pids(self, *, busy: bool = False) -> list[int]:
         """Process ids of the idle workers, or of the busy ones (parsing a file now)."""

@@ -10,10 +10,11 @@ killed anywhere before that leaves the old record, so the same command redoes th
 uninterrupted run gives. Blobs no chunk references any more are swept at the end of a run that wrote or deleted
 any (a marker in the blob store makes the next run sweep when a run is killed before its sweep).
 
-Reading, parsing, chunking and image preprocessing run on every core for a slice of sources, then the slice's
-chunks are embedded (batched across sources) and written; the two phases take turns (see ``_prepare_all``).
-Documents (PDF, DOCX, PPTX, HTML, Markdown) are parsed in worker processes under a per-file time and memory limit
-(``ingest.isolation``): a preparing thread hands its document to a worker and waits for the elements.
+Reading, parsing, chunking and image preprocessing of image and text files run on every core for a slice of
+sources, then the slice's chunks are embedded (batched across sources) and written; the two phases take turns (see
+``_prepare_all``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are parsed in worker processes under a per-file time
+and memory limit (``ingest.isolation``), in the background: while the workers parse them, the ingest process
+prepares and embeds the other sources, and each document joins the next batch once its elements are back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import io
 import logging
 import mimetypes
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ import numpy as np
 
 from ingest.chunking import Draft, chunk_elements
 from ingest.elements import ParseOptions
-from ingest.isolation import ISOLATED_KINDS, ParseLimits, parse_isolated
+from ingest.isolation import ISOLATED_KINDS, ParseLimits, parse_isolated, shared_pool
 from ingest.parsers import parse_file, sniff_kind
+from ingest.parsers._sniff import EXTENSION_KINDS
 from ingest.sources import discover
 from mmrag.blobs import BlobStore
 from mmrag.config import Settings
@@ -77,6 +82,44 @@ def parse_options(settings: Settings) -> ParseOptions:
                         fetch_remote=s.fetch_remote)
 
 
+def _is_document(path: Path) -> bool:
+    """Whether a source is, by its extension, parsed in a worker process (only where it is prepared depends on
+    this: the parser follows the content)."""
+    return EXTENSION_KINDS.get(path.suffix.lower()) in ISOLATED_KINDS
+
+
+_text_parser_warm = threading.Event()
+
+
+def _warm_up_text_parser() -> None:
+    """Load the plain-text parser (unstructured's partitioner and its NLP: seconds of imports) in a background
+    thread, once per process, while the knowledge base is opened or created; the first text file would otherwise
+    wait for it."""
+    if _text_parser_warm.is_set():
+        return
+    _text_parser_warm.set()
+
+    def load() -> None:
+        try:
+            from ingest.parsers.plain import partition_plain_text
+
+            partition_plain_text("Warm up.\n\nThe text parser is loaded.")
+        except Exception:  # noqa: BLE001 - the first text file loads it again and reports what fails
+            logger.debug("warming up the text parser failed", exc_info=True)
+
+    threading.Thread(target=load, name="mmrag-text-parser-warm-up", daemon=True).start()
+
+
+def _encode_distinct(encode: Any, texts: list[str]) -> np.ndarray:
+    """``encode(texts)`` with each distinct text encoded once (a repeated text gets the same vector): image
+    contexts taken from one page, headers and footers repeat within a batch."""
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) == len(texts):
+        return encode(texts)
+    row = {text: i for i, text in enumerate(distinct)}
+    return encode(distinct)[[row[text] for text in texts]]
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if isinstance(exc, MmragError) else f"{type(exc).__name__}: {text}"
@@ -93,6 +136,9 @@ class Ingestor:
         self.options = parse_options(settings)
         self.limits = ParseLimits(settings.ingest.parse_timeout_s, settings.ingest.parse_memory_mb)
         self._parse_workers = 1
+        self._fresh = False  # the knowledge base was created by the running ingest (embedded store only)
+        # Wall seconds per stage of the last ingest (see ``_timed``): where its time went.
+        self.timings: dict[str, float] = {}
         self._mark_lock = threading.Lock()
         self._marked = False
 
@@ -100,14 +146,27 @@ class Ingestor:
     def ingest(self, paths: list[Path], *, sync: bool = False, tenant: str | None = None,
                progress: bool = False) -> IngestReport:
         tenant = tenant or self.settings.tenant
-        # 1. Check the knowledge base was filled by the encoders we have (creates it on first use).
+        self.timings = {}
+        started = time.perf_counter()
+        from mmrag.device import configure_threads
+
+        self._parse_workers = configure_threads(self.settings.runtime.torch_threads)  # one per core
         text_encoder = self.models.text_embedder
         clip = self.models.clip
-        self.index.ensure(text_encoder.signature, clip.signature if clip else None)
-        self._marked = self.blobs.pending_gc()  # a killed predecessor left blobs to sweep
-        # 2. Find the sources and what the knowledge base already holds for this tenant.
+        # 1. Find the sources. A new knowledge base parses every document in it: start the parse workers now, in
+        #    the background, while the knowledge base is created (their start-up imports the parsers, seconds).
         found = discover(paths, self.settings.ingest.include, self.settings.ingest.exclude)
-        known = {d.source: d for d in self.index.documents(tenant)}
+        self._fresh = self.index.embedded and not self.index.exists()
+        if self._fresh and any(_is_document(p) for p in found.files):
+            shared_pool(self._parse_workers).prestart()
+        if any(EXTENSION_KINDS.get(p.suffix.lower()) == "text" for p in found.files):
+            _warm_up_text_parser()  # in this process: unstructured's text partitioner (seconds to import)
+        # 2. Check the knowledge base was filled by the encoders we have (creates it on first use), and find what
+        #    it already holds for this tenant.
+        with self._timed("knowledge_base"):
+            self.index.ensure(text_encoder.signature, clip.signature if clip else None)
+            self._marked = self.blobs.pending_gc()  # a killed predecessor left blobs to sweep
+            known = {d.source: d for d in self.index.documents(tenant)}
         failed = [Failure(m, "no such file or directory") for m in found.missing]
         counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
         chunk_counts = {"text": 0, "image": 0}
@@ -147,12 +206,26 @@ class Ingestor:
             #    write log, and BM25 statistics are not rebuilt on every query), then sweep blobs that no
             #    chunk references any more.
             if self._marked:
-                self.index.flush()
-                self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
-                self.blobs.clear_pending_gc()
+                with self._timed("milvus_flush_and_blob_sweep"):
+                    self.index.flush()
+                    self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
+                    self.blobs.clear_pending_gc()
         finally:
             bar.close()
+        total = time.perf_counter() - started
+        self.timings["waiting_for_preparing"] = total - sum(self.timings.values())
+        self.timings["total"] = total
+        logger.debug("ingest stages (wall s): %s", {k: round(v, 2) for k, v in self.timings.items()})
         return IngestReport(**counts, failed=tuple(failed), chunks=chunk_counts)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[stage]`` (main thread only)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
     def delete(self, doc_ids: list[str], tenant: str | None = None) -> int:
         """Delete documents (chunks, record, then unreferenced blobs); returns how many were deleted."""
@@ -181,27 +254,55 @@ class Ingestor:
                 self.blobs.mark_pending_gc()
                 self._marked = True
 
-    # -- preparing (thread pool) ----------------------------------------------------------------------------
+    # -- preparing (thread pools) ----------------------------------------------------------------------------
     def _prepare_all(self, files: list[Path], known: dict[str, DocRecord], tenant: str,
                      with_clip: bool) -> Iterator[_Outcome]:
-        """Prepare sources a slice at a time on every core, in order.
+        """Prepare every source; outcomes come in the order of ``files`` except that documents come when their
+        parse is done (the order of writes does not change what is stored: chunk ids derive from content and
+        position).
 
-        Preparing (decode, resize, parse) and embedding take turns instead of overlapping: on a machine whose
-        cores all serve the model's forward pass, a preparing thread running beside it slows the forward pass
-        more than it saves (0.52 of the bare model's throughput overlapped against 0.66 in turns, measured with
-        benchmarks/ingest.py).
-        Pillow and the tokenizers release the GIL, so the slice's files are prepared in parallel."""
-        from concurrent.futures import ThreadPoolExecutor
+        Image and text files are prepared a slice at a time on every core, taking turns with embedding instead
+        of overlapping it: on a machine whose cores all serve the model's forward pass, a preparing thread
+        running beside it slows the forward pass more than it saves (0.52 of the bare model's throughput
+        overlapped against 0.66 in turns, measured with benchmarks/ingest.py). Pillow and the tokenizers release
+        the GIL, so the slice's files are prepared in parallel.
 
-        from mmrag.device import configure_threads
+        Documents go to the parse worker processes at once, in the background (their threads mostly wait on the
+        worker), at most ``lookahead`` of them parsed and waiting to be embedded. The workers' start-up and the
+        parsing then run while this process prepares and embeds the other sources, instead of holding up a
+        slice; each document is yielded (and joins the next batch) once its parse is done."""
+        from concurrent.futures import Future, ThreadPoolExecutor
 
-        workers = configure_threads(self.settings.runtime.torch_threads)
-        self._parse_workers = workers  # one parse process per preparing thread, started when a document needs it
+        workers = self._parse_workers
         step = max(self.settings.ingest.image_batch, 8)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-prepare") as pool:
-            for start in range(0, len(files), step):
-                yield from list(pool.map(lambda path: self._prepare(path, known, tenant, with_clip),
-                                         files[start:start + step]))
+        lookahead = max(step, 4 * workers)
+        documents = deque(p for p in files if _is_document(p))
+        others = [p for p in files if not _is_document(p)]
+
+        def prepare(path: Path) -> _Outcome:
+            return self._prepare(path, known, tenant, with_clip)
+
+        in_flight: deque[Future[_Outcome]] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-prepare") as pool, \
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-document") as parsing:
+            def top_up() -> None:
+                while documents and len(in_flight) < lookahead:
+                    in_flight.append(parsing.submit(prepare, documents.popleft()))
+
+            try:
+                top_up()
+                for start in range(0, len(others), step):
+                    yield from list(pool.map(prepare, others[start:start + step]))
+                    while in_flight and in_flight[0].done():
+                        yield in_flight.popleft().result()
+                        top_up()
+                while in_flight:
+                    yield in_flight.popleft().result()
+                    top_up()
+            finally:  # stopped early (a store error): parse nothing more
+                documents.clear()
+                for future in in_flight:
+                    future.cancel()
 
     def _prepare(self, path: Path, known: dict[str, DocRecord], tenant: str, with_clip: bool) -> _Outcome:
         try:
@@ -311,7 +412,8 @@ class Ingestor:
         import torch
 
         chunks = [c for p in pending for c in p.chunks]
-        text_vectors = self.models.text_embedder.encode([c.search_text for c in chunks])
+        with self._timed("text_embedder"):
+            text_vectors = _encode_distinct(self.models.text_embedder.encode, [c.search_text for c in chunks])
         clip = self.models.clip
         clip_vectors: np.ndarray | None = None
         if clip is not None:
@@ -319,31 +421,39 @@ class Ingestor:
             text_rows = [i for i, c in enumerate(chunks) if c.modality != "image"]
             image_rows = [i for i, c in enumerate(chunks) if c.modality == "image"]
             if text_rows:
-                clip_vectors[text_rows] = clip.encode_texts([chunks[i].text for i in text_rows])
+                with self._timed("clip_text"):
+                    texts = [chunks[i].text for i in text_rows]
+                    clip_vectors[text_rows] = _encode_distinct(clip.encode_texts, texts)
             pixels = [t for p in pending for t in p.image_pixels]
             if image_rows:
                 step = self.settings.ingest.image_batch
-                vectors = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
-                           for s in range(0, len(pixels), step)]
-                clip_vectors[image_rows] = np.concatenate(vectors)
-        by_doc = {p.document.doc_id: p.document for p in pending}
-        rows = []
-        for i, chunk in enumerate(chunks):
-            document = by_doc[chunk.doc_id]
-            row = {
-                "id": chunk.id, "doc_id": chunk.doc_id, "tenant": document.tenant, "modality": chunk.modality,
-                "text": chunk.search_text, "source": document.source,
-                "page": chunk.page if chunk.page is not None else -1, "position": chunk.order,
-                "blob": chunk.blob, "version": document.version, "meta": chunk.metadata,
-                "text_vector": text_vectors[i].tolist(),
-            }
-            if clip_vectors is not None:
-                row["clip_vector"] = clip_vectors[i].tolist()
-            rows.append(row)
-        self.index.upsert_chunks(rows)
-        # Also for "added" sources: a run killed after step 2 on an earlier version left chunks but no record.
-        self.index.delete_stale({p.document.doc_id: p.document.version for p in pending})
-        self.index.put_document(DocRecord(
-            p.document.doc_id, p.document.tenant, p.document.source, p.document.version, p.document.mime,
-            n_text=sum(c.modality != "image" for c in p.chunks), n_image=sum(c.modality == "image" for c in p.chunks),
-            meta=p.document.metadata) for p in pending)
+                with self._timed("clip_image"):
+                    vectors = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
+                               for s in range(0, len(pixels), step)]
+                    clip_vectors[image_rows] = np.concatenate(vectors)
+        with self._timed("milvus_write"):
+            by_doc = {p.document.doc_id: p.document for p in pending}
+            rows = []
+            for i, chunk in enumerate(chunks):
+                document = by_doc[chunk.doc_id]
+                row = {
+                    "id": chunk.id, "doc_id": chunk.doc_id, "tenant": document.tenant, "modality": chunk.modality,
+                    "text": chunk.search_text, "source": document.source,
+                    "page": chunk.page if chunk.page is not None else -1, "position": chunk.order,
+                    "blob": chunk.blob, "version": document.version, "meta": chunk.metadata,
+                    "text_vector": text_vectors[i].tolist(),
+                }
+                if clip_vectors is not None:
+                    row["clip_vector"] = clip_vectors[i].tolist()
+                rows.append(row)
+            self.index.upsert_chunks(rows)
+            # Also for "added" sources: a run killed after step 2 on an earlier version left chunks but no record.
+            # Not in a knowledge base this run created in the embedded store (one process at a time): it held no
+            # chunks before this run, and this run writes each document once.
+            stale = {p.document.doc_id: p.document.version for p in pending if p.status != "added" or not self._fresh}
+            if stale:
+                self.index.delete_stale(stale)
+            self.index.put_document(DocRecord(
+                p.document.doc_id, p.document.tenant, p.document.source, p.document.version, p.document.mime,
+                n_text=sum(c.modality != "image" for c in p.chunks),
+                n_image=sum(c.modality == "image" for c in p.chunks), meta=p.document.metadata) for p in pending)

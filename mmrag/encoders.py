@@ -109,8 +109,12 @@ class SentenceTransformerEmbedder:
 class ClipEncoder:
     """open_clip model: images and texts into one space, so text finds images and images find text."""
 
+    # Texts per forward pass of the text tower. Texts are short (at most 77 tokens), so a batch of 64 holds little
+    # memory; on 2 bf16 cores 64 ran 1.2-1.7x the speed of 32 over 256 HaluEval passages (128 and 256 no faster).
+    TEXT_BATCH = 64
+
     def __init__(self, model: Any, preprocess: Any, tokenizer: Any, name: str, *, device: str = "cpu",
-                 dtype: "torch.dtype | None" = None, batch_size: int = 32) -> None:
+                 dtype: "torch.dtype | None" = None, batch_size: int = 32, text_batch_size: int | None = None) -> None:
         import torch
 
         self.device = device
@@ -118,7 +122,8 @@ class ClipEncoder:
         self.model = model.to(device=device, dtype=self.dtype).eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # images per forward pass (encode_images)
+        self.text_batch_size = text_batch_size or max(batch_size, self.TEXT_BATCH)
         dim = getattr(getattr(model, "visual", None), "output_dim", None)
         if dim is None:
             dim = int(model.text_projection.shape[1])
@@ -223,8 +228,8 @@ class ClipEncoder:
         tokens = self.tokenizer(list(texts))
         lengths = self._text_lengths(tokens)
         order = np.argsort(lengths.numpy(), kind="stable") if lengths is not None else np.arange(len(texts))
-        for start in range(0, len(texts), self.batch_size):
-            rows = torch.from_numpy(order[start:start + self.batch_size])
+        for start in range(0, len(texts), self.text_batch_size):
+            rows = torch.from_numpy(order[start:start + self.text_batch_size])
             batch = tokens[rows]
             with torch.inference_mode():
                 if lengths is None:

@@ -93,11 +93,11 @@ def test_clip_text_vectors_equal_the_full_context_pass_in_input_order(tiny_clip)
 
     texts = ["peacock", "a red vintage car from the 1960s with chrome bumpers", "word " * 120, "", "ship", "a b c"]
     texts = texts * 7  # more than one batch, lengths interleaved so sorting reorders them
-    tiny_clip.batch_size = 8
+    batch, tiny_clip.text_batch_size = tiny_clip.text_batch_size, 8
     try:
         fast = tiny_clip.encode_texts(texts)
     finally:
-        tiny_clip.batch_size = 32
+        tiny_clip.text_batch_size = batch
     assert tiny_clip._causal_text
     with torch.inference_mode():
         full = torch.nn.functional.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)).float(), dim=-1)
