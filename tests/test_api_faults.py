@@ -31,7 +31,8 @@ def test_milvus_outages_under_load_fail_fast_recover_and_lose_no_acknowledged_wr
     # that is gone refuses connections: failures come back in well under a second, the slowest after a few
     # (an upload waits for the write lock). A hung one costs a call its milvus.timeout_s (3 s here), plus the wait
     # of uploads queued behind the write lock.
-    failed = [r for r in run.requests if not r.ok]
+    # A retried delete that finds its first attempt applied answers 404: the work was done (the harness counts it).
+    failed = [r for r in run.requests if not r.ok and not (r.kind == "delete" and r.retry and r.status == 404)]
     assert len(failed) >= 5 and {r.kind for r in failed} >= {"search", "upload"}, figures["during_outages"]
     assert all(r.status == 503 and r.retry_after == "7" for r in failed)
     gone, _, hung = figures["outages"]
