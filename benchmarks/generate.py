@@ -11,11 +11,14 @@
    round), ``--rounds`` times:
    - ``pipeline_default``: ``GroundedGenerator(runtime).stream(question, query=Query(k_text=5, k_image=0))``, greedy,
      the profile's decoder features (citation_mode "constrained", repetition_penalty 1.3);
+   - ``pipeline_default_fp32``: the default over fp32 weights (``precision = "fp32"``; the default holds the GGUF
+     file's 4-bit weights as they are, ``int4``, on CPUs with bf16 instructions; see generation/decoder.py);
    - ``pipeline_nodraft``: the default without drafted tokens (``models.llm.options.draft_tokens`` 0: one forward
      pass per token; see ``generation.text._Drafter``);
    - ``pipeline_plain``: the same with citation_mode "free" and repetition_penalty 1.0: the bare decode loop;
-   - ``pipeline_plain_int8`` / ``pipeline_plain_fp32``: the plain loop over the lean decoder with int8 weights
-     (opt-in, precision "int8") and with fp32 weights (the default; see generation/decoder.py);
+   - ``pipeline_plain_int4`` / ``pipeline_plain_int8`` / ``pipeline_plain_fp32``: the plain loop over the lean
+     decoder with the 4-bit weights as blocks (the default here), int8 weights (opt-in, precision "int8") and fp32
+     weights (exact: the text ``generate`` writes);
    - ``pipeline_plain_transformers``: the plain loop over transformers' own forward pass (what ``generate`` runs),
      so its ratio to ``bare`` is the decode loop's own overhead;
    - ``bare``: the same rendered prompt (built with ``build_prompt`` from the same grounding, so the same tokens)
@@ -27,7 +30,8 @@
    ``min_new_tokens`` makes ``generate`` do. A first, untimed pass (also the warm-up) lets the answers end
    naturally: ``natural`` reports their lengths and texts, whether the plain loop's greedy text is the text
    ``generate`` writes (it should be over fp32 weights: same prompt, same model, greedy), on how many questions
-   the int8 weights write the same answer as the fp32 ones, and whether drafting left the default's text unchanged.
+   the int4 and int8 weights write the same answer as the fp32 ones (plain loop, and the default against
+   ``pipeline_default_fp32``), and whether drafting left the default's text unchanged.
    The natural pass's decode rates (``natural.*.tokens_per_s``) are those of answers that end where the model
    ends them; the timed pass runs on past the end, where a small model often repeats itself and drafts pay more.
    Pipeline figures are taken from the call: ``ttft_s`` to the first text piece (retrieval, prompt building,
@@ -59,13 +63,16 @@ from typing import Any
 
 import _common  # before any product import: the repository, not this folder, first on sys.path (see there)
 
-MODES = ("pipeline_default", "pipeline_nodraft", "pipeline_plain", "pipeline_plain_int8", "pipeline_plain_fp32",
-         "pipeline_plain_transformers", "bare")
-# The forward pass each pipeline mode decodes with: the profile's default (the lean decoder over fp32 weights,
-# greedy text equal to generate's), the lean decoder over int8 weights (opt-in: precision "int8"), and
-# transformers' own forward pass (the decode loop's overhead against generate on the same forward pass).
-DECODERS = {"pipeline_default": "default", "pipeline_nodraft": "default", "pipeline_plain": "default",
-            "pipeline_plain_int8": "int8", "pipeline_plain_fp32": "fp32", "pipeline_plain_transformers": None}
+MODES = ("pipeline_default", "pipeline_default_fp32", "pipeline_nodraft", "pipeline_plain", "pipeline_plain_int4",
+         "pipeline_plain_int8", "pipeline_plain_fp32", "pipeline_plain_transformers", "bare")
+# The forward pass each pipeline mode decodes with: the profile's default (the lean decoder over the GGUF file's
+# 4-bit weights held as 4-bit blocks where the CPU has bf16 instructions, else fp32), the lean decoder over int4,
+# int8 (opt-in: precision "int8") and fp32 weights (exact: greedy text equal to generate's), and transformers' own
+# forward pass (the decode loop's overhead against generate on the same forward pass).
+DECODERS = {"pipeline_default": "default", "pipeline_default_fp32": "fp32", "pipeline_nodraft": "default",
+            "pipeline_plain": "default", "pipeline_plain_int4": "int4", "pipeline_plain_int8": "int8",
+            "pipeline_plain_fp32": "fp32", "pipeline_plain_transformers": None}
+FULL = ("pipeline_default", "pipeline_default_fp32", "pipeline_nodraft")  # the profile's generation settings
 # ``pipeline_nodraft`` is the default without drafted tokens (models.llm.options.draft_tokens 0): every token its
 # own forward pass. The other pipeline modes draft as the default does where their decoder is the lean one.
 NO_DRAFT = ("pipeline_nodraft",)
@@ -224,12 +231,12 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
 
     gens = {mode: GroundedGenerator(runtime) for mode in MODES if mode != "bare"}
     for mode in gens:
-        if mode not in ("pipeline_default", "pipeline_nodraft"):
+        if mode not in FULL:
             gens[mode].settings = load_settings(**overrides, generation=PLAIN).generation
     from generation.decoder import LeanDecoder
 
     decoders = {"default": llm.decoder, None: None}
-    for form in ("int8", "fp32"):
+    for form in ("int4", "int8", "fp32"):
         decoders[form] = llm.decoder if llm.decoder.form == form else LeanDecoder(llm.model, form)
     drafts = llm.draft_tokens
 
@@ -241,8 +248,8 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
     n = args.max_new_tokens
 
     # 3a. Untimed natural pass (and warm-up): answers end where the model ends them; the rendered prompts.
-    natural: dict[str, list[dict[str, Any]]] = {"pipeline_default": [], "pipeline_nodraft": [], "pipeline_plain": [],
-                                                "pipeline_plain_int8": [], "pipeline_plain_fp32": []}
+    natural: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES
+                                                if mode not in ("pipeline_plain_transformers", "bare")}
     prompts: list[str] = []
     skipped: list[str] = []
     for i, q in enumerate(list(questions)):
@@ -290,9 +297,12 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
     # differs where min_new_tokens keeps it from ending).
     bare_text = {r["question"]: r["raw_text"] for r in runs["bare"] if r["round"] == 0}
     same = {mode: [bare_text[i].startswith(r["raw_text"]) for i, r in enumerate(natural[mode])]
-            for mode in ("pipeline_plain", "pipeline_plain_int8", "pipeline_plain_fp32")}
-    int8_as_fp32 = [a["raw_text"] == b["raw_text"]
-                    for a, b in zip(natural["pipeline_plain_int8"], natural["pipeline_plain_fp32"], strict=True)]
+            for mode in ("pipeline_plain", "pipeline_plain_int4", "pipeline_plain_int8", "pipeline_plain_fp32")}
+
+    def same_text(a: str, b: str) -> str:
+        equal = [x["raw_text"] == y["raw_text"] for x, y in zip(natural[a], natural[b], strict=True)]
+        return f"{sum(equal)}/{len(equal)}"
+
     draft_same = [a["raw_text"] == b["raw_text"]
                   for a, b in zip(natural["pipeline_default"], natural["pipeline_nodraft"], strict=True)]
     summary = {mode: _summary(rows) for mode, rows in runs.items()}
@@ -328,7 +338,9 @@ def bench(args: argparse.Namespace, work: Path, cache: Path) -> dict[str, Any]:
                            "unsupported": sum(r["unsupported"] for r in rows),
                            "example": rows[0]["text"][:300]} for mode, rows in natural.items()},
         "plain_greedy_matches_generate": {mode: f"{sum(v)}/{len(v)}" for mode, v in same.items()},
-        "plain_int8_text_equals_fp32": f"{sum(int8_as_fp32)}/{len(int8_as_fp32)}",
+        "plain_int8_text_equals_fp32": same_text("pipeline_plain_int8", "pipeline_plain_fp32"),
+        "plain_int4_text_equals_fp32": same_text("pipeline_plain_int4", "pipeline_plain_fp32"),
+        "default_text_equals_default_fp32": same_text("pipeline_default", "pipeline_default_fp32"),
         "default_text_equals_nodraft": f"{sum(draft_same)}/{len(draft_same)}",
         "targets": {
             "pipeline_overhead_max": 0.10,

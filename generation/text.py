@@ -99,7 +99,7 @@ class TextGenerator:
 
     @property
     def decoder_name(self) -> str:
-        """What computes the logits: "lean, int8 weights", "lean, fp32 weights" or "transformers, <dtype>"."""
+        """What computes the logits: "lean, int4 weights" (int8, fp32) or "transformers, <dtype>"."""
         if self.decoder is not None:
             return f"lean, {self.decoder.form} weights"
         return f"transformers, {str(getattr(self.model, 'dtype', '')).replace('torch.', '')}"
@@ -426,8 +426,8 @@ def load_text_generator(resolution: "Resolution", spec: "ModelSpec", runtime: "R
     # transformers.
     precision = spec.precision
     form = _lean_form(spec, device)
-    if precision in ("auto", "int8") and device == "cpu":
-        precision = "fp32"  # int8 is made from the fp32 weights after loading
+    if precision in ("auto", "int8", "int4") and device == "cpu":
+        precision = "fp32"  # the lean decoder's int8 and int4 forms are made from the fp32 weights after loading
     dtype = pick_dtype(precision, device)
     location = Path(resolution.location)
     name = spec.name or location.name
@@ -452,7 +452,9 @@ def load_text_generator(resolution: "Resolution", spec: "ModelSpec", runtime: "R
             f"cannot load the LLM from {resolution.location}: {type(exc).__name__}: {exc}. {resolution.note}"
         ) from exc
     model = model.to(device)
-    decoder = _lean_decoder(model, form, spec) if form is not None else None
+    # A converted GGUF folder (in the cache) also keeps the lean decoder's int8/int4 weights for the next start.
+    keep = folder if location.suffix == ".gguf" else None
+    decoder = _lean_decoder(model, form, spec, keep) if form is not None else None
     generator = TextGenerator(model, tokenizer, name, device=device, decoder=decoder,
                               draft_tokens=_draft_tokens(spec))
     logger.info("LLM %s loaded from %s in %.1f s (%s, %s)", name, source, time.perf_counter() - started,
@@ -464,21 +466,30 @@ def _lean_form(spec: "ModelSpec", device: str) -> str | None:
     """The lean decoder's weight form for this role, or None for transformers' forward pass.
 
     ``models.llm.options.decoder``: "auto" (the default: lean on CPU where it covers the model), "lean" (required:
-    fail if it does not cover the model) or "transformers". Precision "int8" needs the lean decoder on CPU."""
+    fail if it does not cover the model) or "transformers". Precisions "int8" and "int4" need the lean decoder on
+    CPU. "auto" on a CPU with bf16 instructions asks for "int4?": int4 where the weights are already 4-bit blocks,
+    fp32 where they are not (see ``_lean_decoder``)."""
     choice = str(spec.options.get("decoder", "auto"))
     if choice not in ("auto", "lean", "transformers"):
         raise ConfigError(f"models.llm.options.decoder is {choice!r}; use 'auto', 'lean' or 'transformers'")
-    if spec.precision == "int8":
+    if spec.precision in ("int8", "int4"):
         if device != "cpu":
-            raise ConfigError(f"models.llm.precision 'int8' is a CPU decode form; on {device} use 'auto' (fp16)")
+            raise ConfigError(f"models.llm.precision {spec.precision!r} is a CPU decode form; on {device} use "
+                              "'auto' (fp16)")
         if choice == "transformers":
-            raise ConfigError("models.llm.precision 'int8' needs the lean decoder; drop options.decoder "
-                              "'transformers' or set precision 'fp32'")
-        return "int8"
+            raise ConfigError(f"models.llm.precision {spec.precision!r} needs the lean decoder; drop "
+                              "options.decoder 'transformers' or set precision 'fp32'")
+        return spec.precision
     if device != "cpu" or choice == "transformers" or spec.precision not in ("auto", "fp32"):
         if choice == "lean":
-            raise ConfigError(f"the lean decoder runs fp32 or int8 weights on CPU, not {spec.precision} on {device}")
+            raise ConfigError(f"the lean decoder runs fp32, int8 or int4 weights on CPU, not {spec.precision} "
+                              f"on {device}")
         return None
+    if spec.precision == "auto":
+        from mmrag.device import cpu_has_bf16
+
+        if cpu_has_bf16():  # the int4 kernel multiplies bf16 activations
+            return "int4?"
     return "fp32"
 
 
@@ -490,13 +501,29 @@ def _draft_tokens(spec: "ModelSpec") -> int:
     return value
 
 
-def _lean_decoder(model: Any, form: str, spec: "ModelSpec") -> "LeanDecoder | None":
-    from generation.decoder import LeanDecoder, unsupported_reason
+def _lean_decoder(model: Any, form: str, spec: "ModelSpec", keep: Path | None = None) -> "LeanDecoder | None":
+    """The lean decoder in ``form`` ("int4?": int4 where the weights are 4-bit blocks, else fp32), or None where it
+    does not cover the model; ``keep``: a folder for its derived weights (see ``LeanDecoder``'s ``store``)."""
+    from generation.decoder import LeanDecoder, NotFourBitError, unsupported_reason
 
     reason = unsupported_reason(model)
     if reason is None:
-        return LeanDecoder(model, form)  # type: ignore[arg-type]
-    explicit = spec.precision == "int8" or spec.options.get("decoder") == "lean"
+        def store(kind: str) -> Path | None:
+            return keep / f"lean-{kind}.pt" if keep is not None else None
+
+        if form != "int4?":
+            try:
+                return LeanDecoder(model, form, store(form))  # type: ignore[arg-type]
+            except NotFourBitError as exc:
+                raise ConfigError(f"models.llm.precision 'int4' holds weights that are already 4-bit (a GGUF Q4_1 "
+                                  f"file) in that form and never re-quantises; this model's are not ({exc}): "
+                                  "set precision 'int8' or 'fp32'") from exc
+        try:
+            return LeanDecoder(model, "int4", store("int4"))
+        except NotFourBitError as exc:
+            logger.info("LLM weights in fp32: they are not 4-bit blocks (%s)", exc)
+            return LeanDecoder(model, "fp32")
+    explicit = spec.precision in ("int8", "int4") or spec.options.get("decoder") == "lean"
     if explicit:
         raise ConfigError(f"the lean decoder (needed for precision {spec.precision!r} or options.decoder 'lean') "
                           f"does not cover this model: {reason}; set models.llm.precision 'fp32' and "

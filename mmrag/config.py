@@ -20,7 +20,7 @@ from mmrag.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 ROLES: tuple[str, ...] = ("clip", "text_embedder", "llm", "image_generator", "reranker", "support_scorer")
-Precision = Literal["auto", "fp32", "bf16", "fp16", "int8"]  # int8: models.llm on CPU only
+Precision = Literal["auto", "fp32", "bf16", "fp16", "int8", "int4"]  # int8, int4: models.llm on CPU only
 
 
 class _Section(BaseModel):

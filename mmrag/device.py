@@ -40,10 +40,10 @@ def pick_dtype(precision: str, device: str):
         return torch.float32
     if precision == "fp16":
         return torch.float16
-    if precision == "int8":
+    if precision in ("int8", "int4"):
         from mmrag.errors import ConfigError
 
-        raise ConfigError("precision 'int8' applies to models.llm on CPU only (its lean decoder); "
+        raise ConfigError(f"precision {precision!r} applies to models.llm on CPU only (its lean decoder); "
                           "use 'auto', 'fp32', 'bf16' or 'fp16' here")
     if precision == "bf16":
         return torch.bfloat16
