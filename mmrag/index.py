@@ -11,6 +11,7 @@ The store is chosen by configuration alone: an embedded milvus-lite file under t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -125,6 +126,10 @@ class MilvusIndex:
         # Set when the connection to Milvus was lost (a call failed to connect, or the channel is not READY): the
         # next call first opens the knowledge base's collections alone (see _reopen_alone).
         self._reopen = True
+        # Creating the knowledge base runs alone: calls of other threads wait for it (see _alone).
+        self._gate = threading.Condition()
+        self._in_flight = 0
+        self._owner: int | None = None
 
     # -- connection -------------------------------------------------------------------------------------------
     @property
@@ -185,6 +190,54 @@ class MilvusIndex:
         restarted server holds the collections released: the first call that finds them so loads them again and
         is retried once. Client calls are bounded by ``milvus.timeout_s`` (a hung server fails them instead of
         holding them)."""
+        if getattr(self._reloading, "depth", 0):  # a call made while this thread's call is in flight (a reopening)
+            return self._call_once(fn, *args, **kwargs)
+        counted = self._enter_call()
+        self._reloading.depth = 1
+        try:
+            return self._call_once(fn, *args, **kwargs)
+        finally:
+            self._reloading.depth = 0
+            if counted:
+                with self._gate:
+                    self._in_flight -= 1
+                    if not self._in_flight:
+                        self._gate.notify_all()
+
+    def _enter_call(self) -> bool:
+        """Wait while another thread creates the knowledge base; count this call as in flight (False: the creating
+        thread's own call, which is not counted)."""
+        me = threading.get_ident()
+        with self._gate:
+            while self._owner is not None and self._owner != me:
+                self._gate.wait()
+            if self._owner == me:
+                return False
+            self._in_flight += 1
+            return True
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[None]:
+        """Run the block with no other call of this index in flight, and hold new ones until it ends.
+
+        ``milvus-lite server`` caches a new collection only after ``create_collection`` has written its schema: a
+        call naming it in between (a search while the first upload creates the knowledge base) opens a second copy
+        from disk, the same loss as after a restart (see ``_reopen_alone``)."""
+        me = threading.get_ident()
+        with self._gate:
+            while self._owner is not None:
+                self._gate.wait()
+            self._owner = me
+            while self._in_flight:
+                self._gate.wait()
+        try:
+            yield
+        finally:
+            with self._gate:
+                self._owner = None
+                self._gate.notify_all()
+
+    def _call_once(self, fn, *args: Any, **kwargs: Any) -> Any:
         if self.settings.milvus.timeout_s and getattr(fn, "__self__", None) is self._client:
             kwargs.setdefault("timeout", self.settings.milvus.timeout_s)
         if not getattr(self._reloading, "active", False) and (self._reopen or self._channel_dropped()):
@@ -282,10 +335,11 @@ class MilvusIndex:
         wanted = {"schema": SCHEMA_VERSION, "text": text.as_dict(), "clip": clip.as_dict() if clip else None}
         current = self.schema()
         if current is None:
-            self._create(text, clip)
-            features = {**wanted, "partition_key": self._partition_key_used}
-            self._call(self.client.upsert, self.docs, [DocRecord(
-                _SCHEMA_ROW, _SYSTEM_TENANT, "", "", meta=features).row()])
+            with self._alone():
+                self._create(text, clip)
+                features = {**wanted, "partition_key": self._partition_key_used}
+                self._call(self.client.upsert, self.docs, [DocRecord(
+                    _SCHEMA_ROW, _SYSTEM_TENANT, "", "", meta=features).row()])
             self._schema = features
             return features
         mismatch = [role for role in ("text", "clip") if current.get(role) != wanted[role]]

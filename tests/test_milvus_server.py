@@ -30,3 +30,60 @@ def test_ingest_sync_and_delete_through_a_milvus_server(make_runtime, tmp_path, 
     other = make_runtime(milvus={"uri": milvus_server.uri})
     assert {Path(d.source).name for d in other.index.documents()} == {"b.md", "green-square.png"}
     assert other.index.count('modality == "image"') == 1
+
+
+def test_creating_the_knowledge_base_runs_alone(make_runtime, tmp_path, milvus_server):
+    """milvus-lite server caches a new collection only after create_collection has written its schema: a call naming
+    it in between (a search while the first upload creates the knowledge base) opens a second copy from disk. So
+    creation waits for the index's calls already in flight, and calls from other threads wait until it ends."""
+    import threading
+    import time
+
+    runtime = make_runtime(milvus={"uri": milvus_server.uri})
+    index = runtime.index
+    log: list[tuple[str, float]] = []
+    stop = threading.Event()
+
+    def timed(fn, *args):  # a Milvus request through the index, with the time it was on the wire noted
+        def request():
+            started = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                log.append(("call", started, time.monotonic()))
+
+        return index._call(request)
+
+    def keep_asking() -> None:  # another request thread: what a search does first
+        while not stop.is_set():
+            if timed(index.client.has_collection, index.chunks):
+                timed(index.client.get_load_state, index.chunks)
+
+    real_create = index._create
+
+    def create(*args):  # the real creation, with its start and end noted
+        started = time.monotonic()
+        real_create(*args)
+        log.append(("create", started, time.monotonic()))
+
+    index._create = create
+    askers = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for thread in askers:
+        thread.start()
+    try:
+        time.sleep(0.2)
+        kb = tmp_path / "kb"
+        kb.mkdir()
+        (kb / "a.txt").write_text("The first upload creates the knowledge base while searches arrive.")
+        assert runtime.ingestor.ingest([kb]).added == 1
+        time.sleep(0.2)
+    finally:
+        stop.set()
+        for thread in askers:
+            thread.join()
+    (_, created_at, created_until), = [entry for entry in log if entry[0] == "create"]
+    calls = [entry for entry in log if entry[0] == "call"]
+    assert any(end <= created_at for _, _, end in calls) and any(start >= created_until for _, start, _ in calls)
+    overlapping = [(start, end) for _, start, end in calls if start < created_until and end > created_at]
+    assert not overlapping, f"{len(overlapping)} requests ran while the knowledge base was being created"
+    assert runtime.index.count() == 1
