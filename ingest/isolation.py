@@ -160,6 +160,9 @@ def _worker_main(conn: Connection, owner: int) -> None:
     """
     _drop_forkserver_fds()
     _die_with_parent(owner)
+    # unstructured prints a usage notice once per process that parses: the pool's owner shows it once for all
+    # its workers (see ParserPool), instead of one banner per worker.
+    os.environ["UNSTRUCTURED_DISABLE_NOTICE"] = "1"
     gc.freeze()  # the garbage collector leaves the forkserver's objects alone, so their pages stay shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the ingest, which stops its workers
     import importlib
@@ -310,6 +313,20 @@ def _process_class() -> Any:
     return _ForkserverProcess
 
 
+def _show_parser_notice() -> None:
+    """unstructured's usage notice, once per process that owns parse workers (the workers, which do the parsing,
+    leave it out), shown as unstructured shows it: a banner on a terminal, else a log warning (which the CLI's
+    quiet logging leaves out). ``UNSTRUCTURED_DISABLE_NOTICE=1`` hides it, as unstructured documents."""
+    try:
+        from unstructured._usage_notice import maybe_emit_usage_notice
+    except ImportError:  # an unstructured version without this notice
+        return
+    try:
+        maybe_emit_usage_notice()
+    except Exception:  # noqa: BLE001 - best effort, as in unstructured
+        pass
+
+
 class ParserPool:
     """Up to ``size`` parse workers, each busy with one file at a time; thread-safe."""
 
@@ -322,6 +339,8 @@ class ParserPool:
         self._cond = threading.Condition()
         self.started = 0  # workers started so far (restarts included)
         self.startup_s: list[float] = []
+        _show_parser_notice()
+
 
     # -- workers ------------------------------------------------------------------------------------------------
     def _checkout(self) -> _Worker:
