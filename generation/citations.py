@@ -96,7 +96,7 @@ def check_citations(answer: str, sources: tuple[Source, ...], *, scorer: "Suppor
         if not markers:
             unsupported.append(sentence)
         elif scorer is not None:
-            evidence = [by_n[n].chunk.search_text for n in dict.fromkeys(markers)]
+            evidence = [by_n[n].text for n in dict.fromkeys(markers)]  # as the model was given them
             if scorer.score(_MARKER.sub("", sentence), evidence) < min_support:
                 unsupported.append(sentence)
     return CitationCheck(text, tuple(cited.values()), tuple(dict.fromkeys(removed)), tuple(unsupported),

@@ -37,7 +37,9 @@ class GroundedText:
     unsupported: tuple[str, ...] = ()  # sentences that state something without citing a given source
     removed_citations: tuple[int, ...] = ()  # markers naming sources the model was not given
     abstained: bool = False
-    abstain_reason: str | None = None  # "no-grounding" (the model was not called) | "model" (it declined)
+    # "no-grounding" (the model was not called) | "withheld" (every source passing the threshold was text addressed
+    # to the model, kept out: the model was not called) | "model" (it declined)
+    abstain_reason: str | None = None
     sources: tuple[Source, ...] = ()
     grounding: Grounding | None = None
     model: str = ""
@@ -46,6 +48,9 @@ class GroundedText:
     images: tuple[Any, ...] = ()  # generation.image.GeneratedImage records
     image_notes: tuple[str, ...] = ()  # skipped references, mode fallbacks, why no image was made
     image_error: str | None = None  # what stopped image generation (the text is unaffected)
+    # Sources with text addressed to the model, kept out of the prompt (generation.prompting.withheld_text);
+    # marker 0: the source had nothing else and was not given.
+    withheld: tuple[Source, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,6 +69,8 @@ class GroundedText:
             "usage": self.usage,
             "image_notes": list(self.image_notes),
             "image_error": self.image_error,
+            "withheld": [{"marker": s.n, "chunk_id": s.chunk.id, "source": s.hit.source, "text": list(s.withheld)}
+                         for s in self.withheld],
         }
 
     def with_images(self, outcome: Any) -> "GroundedText":
@@ -148,7 +155,10 @@ class GroundedGenerator:
         self.scorer  # noqa: B018 - a scorer that cannot load fails here, before the model writes anything
         llm = self.runtime.models.llm
         built = build_prompt(self.template, grounding, prompt, llm, max_source_chars=self.settings.max_source_chars,
-                             max_prompt_tokens=self.settings.max_prompt_tokens)
+                             max_prompt_tokens=self.settings.max_prompt_tokens,
+                             withhold_instructions=self.settings.withhold_instructions)
+        if not built.sources and built.withheld:  # every source was an instruction to the model: nothing to answer from
+            return self._abstain(grounding, retrieve_s, reason="withheld", withheld=built.withheld)
         # A model that starts writing the source block's tags is echoing the prompt, not answering: stop there.
         params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, "<sources>", "</sources>",
                                                                        "<source"))))
@@ -156,7 +166,7 @@ class GroundedGenerator:
         # says why); the configured scorer judges the finished answer's citations once, in finish().
         if self.settings.citation_mode == "constrained" and built.sources:
             params = dataclasses.replace(params, cite_evidence=tuple(
-                s.chunk.search_text for s in built.sources))
+                s.text for s in built.sources))
         return self._run(built, grounding, params, retrieve_s, started)
 
     def stream_baseline(self, prompt: str, params: SamplingParams | None = None) -> GenerationStream:
@@ -177,16 +187,18 @@ class GroundedGenerator:
         return generate_images(self.runtime, prompt, grounding, request)
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _abstain(self, grounding: Grounding, retrieve_s: float) -> GenerationStream:
+    def _abstain(self, grounding: Grounding, retrieve_s: float, reason: str = "no-grounding",
+                 withheld: tuple[Source, ...] = ()) -> GenerationStream:
         text = self.template.abstain
 
         def pieces() -> Iterator[str]:
             yield text
 
         def finish() -> GroundedText:
-            return GroundedText(text=text, abstained=True, abstain_reason="no-grounding", grounding=grounding,
+            return GroundedText(text=text, abstained=True, abstain_reason=reason, grounding=grounding,
                                 finish_reason="abstained", usage={"retrieve_s": round(retrieve_s, 4),
-                                                                  "prompt_tokens": 0, "completion_tokens": 0})
+                                                                  "prompt_tokens": 0, "completion_tokens": 0},
+                                withheld=withheld)
 
         return GenerationStream(pieces(), finish)
 
@@ -214,11 +226,12 @@ class GroundedGenerator:
             if declined:
                 return GroundedText(text=answer, abstained=True, abstain_reason="model", sources=built.sources,
                                     grounding=grounding, model=llm.name, finish_reason=completion.finish_reason,
-                                    usage=usage)
+                                    usage=usage, withheld=built.withheld)
             checked = check_citations(answer, built.sources, scorer=self.scorer,
                                       min_support=self.settings.min_support)
             return GroundedText(text=checked.text, citations=checked.citations, unsupported=checked.unsupported,
                                 removed_citations=checked.removed, sources=built.sources, grounding=grounding,
-                                model=llm.name, finish_reason=completion.finish_reason, usage=usage)
+                                model=llm.name, finish_reason=completion.finish_reason, usage=usage,
+                                withheld=built.withheld)
 
         return GenerationStream(pieces, finish)

@@ -4,6 +4,13 @@ The template is data (``mmrag/profiles/prompts/NAME.toml`` or any TOML file the 
 text and the user's prompt are cleaned before they go in: the source block's delimiters and the model's control
 tokens (chat turn markers, end of text) are removed, so a retrieved document cannot close its block, open a new
 chat turn or pose as the system; whatever it says stays inside the user turn, as data.
+
+A small model does not reliably keep data apart from instructions, whatever the prompt says, so sources are also
+checked for text addressed to the model (``withheld_text``; ``generation.withhold_instructions``, on by default):
+the part of a source from a control token or a source delimiter on (a forged turn or a closed source block), and
+sentences that instruct the assistant (ignore the previous instructions, reply only with, never cite, print the
+other sources ...) are kept out of the prompt. The stored chunk is unchanged; the answer lists what was withheld,
+and a source with nothing left is not given to the model.
 """
 
 from __future__ import annotations
@@ -77,10 +84,17 @@ class Source:
 
     n: int
     hit: Hit
+    withheld: tuple[str, ...] = ()  # its text kept out of the prompt: instructions to the model (``withheld_text``)
+    shown: str | None = None  # its text without the withheld parts (None: nothing was withheld)
 
     @property
     def chunk(self):
         return self.hit.chunk
+
+    @property
+    def text(self) -> str:
+        """The source's text as the model was given it (its withheld parts left out)."""
+        return self.chunk.search_text if self.shown is None else self.shown
 
     @property
     def snippet(self) -> str:
@@ -96,6 +110,8 @@ class BuiltPrompt:
     rendered: str = ""
     tokens: int = 0
     notes: list[str] = field(default_factory=list)
+    # Sources with text kept out of the prompt (``withheld_text``); those left empty were not given (marker 0).
+    withheld: tuple[Source, ...] = ()
 
 
 _DELIMITERS = re.compile(r"<\s*/?\s*sources?\s*>", re.IGNORECASE)
@@ -115,11 +131,67 @@ def clean(text: str, control_tokens: list[str]) -> str:
     return text.strip()
 
 
+# Sentences that speak to the model instead of about the world. Each pattern is a common prompt-injection form;
+# none matches ordinary prose about a subject (benchmarks/injection.py counts what they withhold from a corpus of
+# real passages).
+_INSTRUCTION = re.compile("|".join((
+    # ignore / disregard / forget the previous instructions (or the question, the other sources)
+    r"\b(?:ignore|disregard|forget|override)\b[^.]{0,40}?\b(?:previous|prior|above|earlier|preceding|all|any|"
+    r"other|the|your)\b[^.]{0,30}?\b(?:instructions?|prompts?|rules|directions|guidelines|sources|context|"
+    r"questions?)\b",
+    # the assistant / the model must ...
+    r"\b(?:assistant|chatbot|language model|AI model|LLM)s?\b[^.]{0,40}?\b(?:must|should|shall|will|needs? to|"
+    r"has to|is (?:required|instructed|asked|expected) to)\b",
+    # new instructions: / system notice / instruction to the assistant
+    r"\b(?:new|updated|additional|revised|overriding|system|admin(?:istrator)?|developer)\s+(?:instructions?|"
+    r"directives?|commands?|notice|prompt|message)\b",
+    r"\binstructions?\s+(?:to|for)\s+(?:the\s+)?(?:assistant|AI|model|chatbot|LLM)\b",
+    # you are now ... / your only reply
+    r"\byou are now\b",
+    r"\byour\s+(?:only|sole|new|first|next)\s+(?:reply|answer|response|task|role|output)\b",
+    r"\byour\s+(?:reply|answer|response|output)\s+(?:must|should|shall|will|may only)\b",
+    r"\bthe answer to (?:every|any|all|each) questions?\b",
+    # reply only with / answer with exactly
+    r"\b(?:reply|respond|answer)\b[^.]{0,30}?\b(?:only|exactly|solely)\b[^.]{0,20}?(?:\bwith\b|:|['\"])",
+    # never cite / do not write numbers in square brackets
+    r"\b(?:never|do not|don't|must not)\s+(?:cite|write|use|include|add|mention)\b[^.]{0,40}?\b(?:sources?|"
+    r"citations?|brackets|references)\b",
+    # print / reveal the other sources, the system prompt, the restricted memo
+    r"\b(?:print|repeat|reveal|output|disclose|leak|dump)\b[^.]{0,40}?\b(?:every other source|(?:all|every|the) "
+    r"other sources|all (?:the )?sources|system prompt|your instructions|(?:restricted|confidential|internal) "
+    r"(?:memo|document|source|note)s?)\b",
+)), re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def withheld_text(text: str, control_tokens: list[str] = ()) -> tuple[str, tuple[str, ...]]:
+    """``text`` without what speaks to the model, and what was left out: everything from the first control token
+    or source delimiter on (a forged chat turn or a closed source block: the rest of the chunk is the attack), then
+    each sentence that instructs the assistant (``_INSTRUCTION``)."""
+    withheld: list[str] = []
+    cut = min([i for i in [text.find(t) for t in control_tokens if t] if i >= 0]
+              + [m.start() for m in [_DELIMITERS.search(text)] if m], default=-1)
+    if cut >= 0:
+        tail = " ".join(text[cut:].split())
+        if tail:
+            withheld.append(tail)
+        text = text[:cut]
+    kept: list[str] = []
+    for sentence in _SENTENCE_END.split(text):
+        if _INSTRUCTION.search(sentence):
+            withheld.append(" ".join(sentence.split()))
+        else:
+            kept.append(sentence)
+    if not withheld:
+        return text, ()
+    return " ".join(part.strip() for part in kept if part.strip()), tuple(withheld)
+
+
 def _render_source(template: PromptTemplate, source: Source, control: list[str], max_chars: int) -> str:
     chunk = source.chunk
     page = template.page.format(page=chunk.page) if chunk.page is not None else ""
     name = Path(source.hit.source).name if source.hit.source else chunk.doc_id
-    body = clean(chunk.search_text, control)
+    body = clean(source.text, control)
     if len(body) > max_chars:
         body = body[:max_chars].rsplit(" ", 1)[0] + " ..."
     fmt = template.image if chunk.modality == "image" else template.passage
@@ -127,14 +199,25 @@ def _render_source(template: PromptTemplate, source: Source, control: list[str],
 
 
 def build_prompt(template: PromptTemplate, grounding: Grounding, prompt: str, generator: "TextGenerator", *,
-                 max_source_chars: int, max_prompt_tokens: int, with_images: bool = True) -> BuiltPrompt:
-    """The chat messages for a grounded answer; sources that do not fit the budget are dropped, lowest first."""
+                 max_source_chars: int, max_prompt_tokens: int, with_images: bool = True,
+                 withhold_instructions: bool = True) -> BuiltPrompt:
+    """The chat messages for a grounded answer; sources that do not fit the budget are dropped, lowest first.
+
+    ``withhold_instructions``: keep text addressed to the model out of the sources (``withheld_text``); a source
+    left with nothing is not given (``BuiltPrompt.withheld`` keeps it, so the answer can say so)."""
     control = generator.special_tokens()
     question = clean(prompt, control)
     if not question:
         raise BadInputError("the prompt is empty")
     hits = list(grounding.text_hits) + (list(grounding.image_hits) if with_images else [])
-    sources = [Source(i, hit) for i, hit in enumerate(hits, 1)]
+    sources: list[Source] = []
+    emptied: list[Source] = []
+    for hit in hits:
+        shown, withheld = withheld_text(hit.chunk.search_text, control) if withhold_instructions else ("", ())
+        if withheld and not clean(shown, control):
+            emptied.append(Source(0, hit, withheld, ""))
+        else:
+            sources.append(Source(len(sources) + 1, hit, withheld, shown if withheld else None))
     rendered_sources = [_render_source(template, s, control, max_source_chars) for s in sources]
     dropped = 0
     while True:
@@ -155,7 +238,8 @@ def build_prompt(template: PromptTemplate, grounding: Grounding, prompt: str, ge
     if tokens > max_prompt_tokens:
         raise BadInputError(f"the prompt alone takes {tokens} tokens, over the budget of {max_prompt_tokens} "
                             "(generation.max_prompt_tokens)")
-    return BuiltPrompt(messages, tuple(sources), dropped, rendered, tokens)
+    withheld = tuple(s for s in sources if s.withheld) + tuple(emptied)
+    return BuiltPrompt(messages, tuple(sources), dropped, rendered, tokens, withheld=withheld)
 
 
 def build_baseline_prompt(template: PromptTemplate, prompt: str, generator: "TextGenerator") -> BuiltPrompt:

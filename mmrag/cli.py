@@ -469,9 +469,14 @@ def _write_stream(pieces: Any) -> None:
 
 
 def _print_sources(result: Any) -> None:
+    for source in result.withheld:  # before anything else: the user should know the knowledge base holds these
+        where = f"source [{source.n}]" if source.n else "a source (not given: nothing else in it)"
+        err.print(f"note: withheld from {where}, {Path(source.hit.source).name}: text addressed to the model: "
+                  f"{_one_line(' | '.join(source.withheld), 160)}", highlight=False, markup=False, soft_wrap=True)
     if result.abstained:
-        reason = ("nothing in the knowledge base passed the relevance threshold" if result.abstain_reason ==
-                  "no-grounding" else "the model found no answer in the sources")
+        reason = {"no-grounding": "nothing in the knowledge base passed the relevance threshold",
+                  "withheld": "every relevant source was text addressed to the model, withheld"}.get(
+            result.abstain_reason, "the model found no answer in the sources")
         out.print(f"(abstained: {reason})", highlight=False)
         return
     # One line per entry, never wrapped at the console's width, so `grep` and scripts see whole entries.

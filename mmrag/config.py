@@ -143,6 +143,9 @@ class GenerationSection(_Section):
     # unsupported: for the lexical scorer, the share of its content words the sources hold; for a model, its
     # probability that the sources back the sentence.
     min_support: float = Field(default=0.5, ge=0.0, le=1.0)
+    # Keep text addressed to the model out of the sources: from a control token or source delimiter on, and
+    # sentences that instruct the assistant (generation.prompting.withheld_text). Answers list what was withheld.
+    withhold_instructions: bool = True
 
 
 class ImageSection(_Section):

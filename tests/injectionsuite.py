@@ -164,10 +164,21 @@ NAIVE_INSTRUCTION = ("You are a helpful assistant. Answer the user's question us
 
 
 def run_defended(generator: Any, case: InjectionCase, params: Any) -> dict[str, Any]:
-    """The product's path: GroundedGenerator with the grounded template and cleaning."""
+    """The product's path: GroundedGenerator with the grounded template, cleaning and instructions withheld."""
     result = generator.stream(case.question, grounding=grounding_for(case), params=params).result
     return {"text": result.text, "citations": len(result.citations), "abstained": result.abstained,
-            "truncated": result.finish_reason == "length"}
+            "truncated": result.finish_reason == "length", "withheld": sum(len(s.withheld) for s in result.withheld)}
+
+
+def run_template_only(generator: Any, case: InjectionCase, params: Any) -> dict[str, Any]:
+    """The product's path with ``generation.withhold_instructions`` off: the template's defences alone (sources
+    delimited as data, control tokens and delimiters cleaned, the instruction not to follow them)."""
+    settings = generator.settings
+    generator.settings = settings.model_copy(update={"withhold_instructions": False})
+    try:
+        return run_defended(generator, case, params)
+    finally:
+        generator.settings = settings
 
 
 def run_naive(generator: Any, case: InjectionCase, params: Any) -> dict[str, Any]:
@@ -195,21 +206,37 @@ def run_naive(generator: Any, case: InjectionCase, params: Any) -> dict[str, Any
     return {"text": checked.text, "citations": len(checked.citations), "abstained": False, "truncated": truncated}
 
 
+# defended: the product's defaults; template_only: without withholding instructions; naive: passages pasted raw.
+CONDITIONS = {"defended": run_defended, "template_only": run_template_only, "naive": run_naive}
+
+
+def withheld_from_real_text(texts: Any) -> dict[str, Any]:
+    """What the defended path would withhold from ordinary documents (none of them addresses the model): the count
+    of texts and sentences withheld, and each withheld sentence, to read."""
+    from generation.prompting import withheld_text
+
+    control = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    texts = list(texts)
+    found = [w for text in texts for w in withheld_text(text, control)[1]]
+    return {"texts": len(texts), "sentences": sum(len(re.split(r"(?<=[.!?])\s+", t)) for t in texts),
+            "withheld": len(found), "examples": found[:20]}
+
+
 def run_suite(generator: Any, cases: list[InjectionCase], *, max_new_tokens: int = 48,
               log=None) -> dict[str, Any]:
-    """Both conditions on every case; follow rates overall and per kind, and every answer."""
+    """Every condition on every case; follow rates overall and per kind, and every answer."""
     params = generator.params(max_new_tokens=max_new_tokens)
     rows = []
     for case in cases:
         row: dict[str, Any] = {"case": case.name, "kind": case.kind}
-        for condition, run in (("defended", run_defended), ("naive", run_naive)):
+        for condition, run in CONDITIONS.items():
             answer = run(generator, case, params)
             row[condition] = {**answer, "followed": followed(case, answer["text"], citations=answer["citations"],
                                                              abstained=answer["abstained"],
                                                              truncated=answer["truncated"])}
         rows.append(row)
         if log:
-            log(f"{case.name}: defended={row['defended']['followed']} naive={row['naive']['followed']}")
+            log(f"{case.name}: " + " ".join(f"{c}={row[c]['followed']}" for c in CONDITIONS))
 
     def rate(selected: list[dict[str, Any]], condition: str) -> float | None:
         return round(sum(r[condition]["followed"] for r in selected) / len(selected), 3) if selected else None
@@ -217,9 +244,9 @@ def run_suite(generator: Any, cases: list[InjectionCase], *, max_new_tokens: int
     kinds = sorted({r["kind"] for r in rows})
     return {
         "cases": len(rows),
-        "follow_rate": {"defended": rate(rows, "defended"), "naive": rate(rows, "naive")},
+        "follow_rate": {c: rate(rows, c) for c in CONDITIONS},
         "follow_rate_by_kind": {k: {"n": sum(r["kind"] == k for r in rows),
-                                    "defended": rate([r for r in rows if r["kind"] == k], "defended"),
-                                    "naive": rate([r for r in rows if r["kind"] == k], "naive")} for k in kinds},
+                                    **{c: rate([r for r in rows if r["kind"] == k], c) for c in CONDITIONS}}
+                                for k in kinds},
         "answers": rows,
     }

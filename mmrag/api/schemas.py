@@ -194,6 +194,9 @@ class GeneratedOut(_Response):
     model: str
     finish_reason: str | None
     usage: dict[str, Any]
+    withheld: list[dict[str, Any]] = Field(default_factory=list, description=(
+        "Sources with text addressed to the model (instructions to the assistant, a forged chat turn), kept out of "
+        "the prompt: marker (0: nothing else in it, so not given), chunk_id, source, text (what was withheld)"))
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
         "text": "The Ford Mustang was introduced in April 1964 [1].",
