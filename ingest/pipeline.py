@@ -10,11 +10,13 @@ killed anywhere before that leaves the old record, so the same command redoes th
 uninterrupted run gives. Blobs no chunk references any more are swept at the end of a run that wrote or deleted
 any (a marker in the blob store makes the next run sweep when a run is killed before its sweep).
 
-Reading, parsing, chunking and image preprocessing of image and text files run on every core for a slice of
-sources, then the slice's chunks are embedded (batched across sources) and written; the two phases take turns (see
-``_prepare_all``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are parsed in worker processes under a per-file time
-and memory limit (``ingest.isolation``), in the background: while the workers parse them, the ingest process
-prepares and embeds the other sources, and each document joins the next batch once its elements are back.
+Image and text files are read, parsed, chunked and preprocessed a slice at a time in preparing lanes, one per
+core, and each lane also runs the CLIP image tower over its slice's images (with one intra-op thread, so the
+lanes overlap one slice's preprocessing with another's forward pass); the main thread embeds the texts (batched
+across sources) and writes (see ``_prepare_all``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are parsed in
+worker processes under a per-file time and memory limit (``ingest.isolation``), in the background: while the
+workers parse them, the ingest process prepares and embeds the other sources, and each document joins the next
+batch once its elements are back.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class _Prepared:
     status: str  # added | updated
     chunks: list[Chunk]
     image_pixels: list[Any] = field(default_factory=list)  # CLIP-preprocessed tensors, one per image chunk
+    # CLIP vectors of the image chunks, in order, once a preparing lane has embedded them (then image_pixels is
+    # emptied); None: embedded when the batch is written.
+    image_vectors: np.ndarray | None = None
 
 
 @dataclass
@@ -120,6 +125,21 @@ def _encode_distinct(encode: Any, texts: list[str]) -> np.ndarray:
     return encode(distinct)[[row[text] for text in texts]]
 
 
+def _lane_slices(items: list[Path], step: int, lanes: int) -> list[list[Path]]:
+    """Cut ``items`` into slices of at most ``step`` for ``lanes`` preparing lanes: a multiple of ``lanes``
+    slices of even size, so that the lanes finish together, and a first slice of half that size, so that the
+    lanes' turns of preparing and embedding interleave (one lane's forward pass beside the other's preparing)
+    instead of running in step."""
+    if not items:
+        return []
+    count = -(-len(items) // step)
+    if lanes > 1 and count > 1:
+        count = -(-count // lanes) * lanes
+    size = -(-len(items) // count)
+    head = max(1, size // 2) if lanes > 1 and count > 1 else size
+    return [items[:head]] + [items[start:start + size] for start in range(head, len(items), size)]
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text if isinstance(exc, MmragError) else f"{type(exc).__name__}: {text}"
@@ -139,6 +159,10 @@ class Ingestor:
         self._fresh = False  # the knowledge base was created by the running ingest (embedded store only)
         # Wall seconds per stage of the last ingest (see ``_timed``): where its time went.
         self.timings: dict[str, float] = {}
+        # Seconds the preparing lanes spent per stage in the last ingest, summed over lanes (they run beside the
+        # stages in ``timings``, so these are not part of its total).
+        self.lane_timings: dict[str, float] = {}
+        self._embedding_lanes = 0  # preparing lanes running a forward pass now (see ``_write``)
         self._mark_lock = threading.Lock()
         self._marked = False
 
@@ -147,6 +171,7 @@ class Ingestor:
                progress: bool = False) -> IngestReport:
         tenant = tenant or self.settings.tenant
         self.timings = {}
+        self.lane_timings = {}
         started = time.perf_counter()
         from mmrag.device import configure_threads
 
@@ -261,11 +286,15 @@ class Ingestor:
         parse is done (the order of writes does not change what is stored: chunk ids derive from content and
         position).
 
-        Image and text files are prepared a slice at a time on every core, taking turns with embedding instead
-        of overlapping it: on a machine whose cores all serve the model's forward pass, a preparing thread
-        running beside it slows the forward pass more than it saves (0.52 of the bare model's throughput
-        overlapped against 0.66 in turns, measured with benchmarks/ingest.py). Pillow and the tokenizers release
-        the GIL, so the slice's files are prepared in parallel.
+        Image and text files are prepared in slices of ``image_batch`` files by preparing lanes, one thread per
+        core: a lane prepares its slice's files one after another, then runs CLIP's image tower over the slice's
+        images with ``cores / lanes`` intra-op threads (torch keeps that setting per thread), one slice more
+        waiting ready. While one lane runs its forward pass, the other decodes and resizes (Pillow releases the
+        GIL), and the main thread embeds texts and writes with the cores no lane's forward pass holds (see
+        ``_write``). One forward pass on all cores beside a preparing thread was slower than taking turns
+        (their teams' threads wait on each other); two one-thread lanes ran 1.05-1.1x the images/s of one
+        two-thread pass over the same batches, and the whole image ingest 1.1-1.5x the earlier turn-taking
+        (benchmarks/ingest.py, README "Performance").
 
         Documents go to the parse worker processes at once, in the background (their threads mostly wait on the
         worker), at most ``lookahead`` of them parsed and waiting to be embedded. The workers' start-up and the
@@ -278,31 +307,96 @@ class Ingestor:
         lookahead = max(step, 4 * workers)
         documents = deque(p for p in files if _is_document(p))
         others = [p for p in files if not _is_document(p)]
+        slices = _lane_slices(others, step, workers)
+        lanes = max(1, min(workers, len(slices)))
+        lane_threads = max(1, workers // lanes)  # a single slice gets every core
 
         def prepare(path: Path) -> _Outcome:
             return self._prepare(path, known, tenant, with_clip)
 
+        def prepare_slice(paths: list[Path]) -> list[_Outcome]:
+            started = time.perf_counter()
+            outcomes = [prepare(path) for path in paths]
+            self._lane_time("prepare", time.perf_counter() - started)
+            if with_clip:
+                self._embed_images([o.prepared for o in outcomes if o.prepared is not None], lane_threads)
+            return outcomes
+
         in_flight: deque[Future[_Outcome]] = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-prepare") as pool, \
-                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-document") as parsing:
+        slice_queue = deque(slices)
+        sliced: deque[Future[list[_Outcome]]] = deque()
+        import torch
+
+        main_threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="mmrag-lane")
+        with pool, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-document") as parsing:
             def top_up() -> None:
                 while documents and len(in_flight) < lookahead:
                     in_flight.append(parsing.submit(prepare, documents.popleft()))
 
+            def top_up_slices() -> None:  # every lane busy, and one slice more ready for when one finishes
+                while slice_queue and len(sliced) <= lanes:
+                    sliced.append(pool.submit(prepare_slice, slice_queue.popleft()))
+
             try:
                 top_up()
-                for start in range(0, len(others), step):
-                    yield from list(pool.map(prepare, others[start:start + step]))
+                top_up_slices()
+                while sliced:
+                    outcomes = sliced.popleft().result()
+                    top_up_slices()
+                    yield from outcomes
                     while in_flight and in_flight[0].done():
                         yield in_flight.popleft().result()
                         top_up()
                 while in_flight:
                     yield in_flight.popleft().result()
                     top_up()
-            finally:  # stopped early (a store error): parse nothing more
+            finally:  # stopped early (a store error): prepare and parse nothing more
                 documents.clear()
-                for future in in_flight:
+                slice_queue.clear()
+                for future in (*in_flight, *sliced):
                     future.cancel()
+                pool.shutdown(wait=True)
+                # A lane's thread count also became torch's default for threads started later: restore it.
+                torch.set_num_threads(main_threads)
+
+    def _lane_time(self, stage: str, seconds: float) -> None:
+        with self._mark_lock:
+            self.lane_timings[stage] = self.lane_timings.get(stage, 0.0) + seconds
+
+    def _embed_images(self, prepared: list[_Prepared], threads: int) -> None:
+        """CLIP vectors for the prepared sources' images, in a preparing lane with ``threads`` intra-op threads
+        (torch keeps that number per thread). On failure the pixels stay for the batch write, which embeds them
+        again and isolates the source that breaks."""
+        import torch
+
+        clip = self.models.clip
+        pixels = [t for p in prepared for t in p.image_pixels]
+        if clip is None or not pixels:
+            return
+        started = time.perf_counter()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        step = self.settings.ingest.image_batch
+        with self._mark_lock:
+            self._embedding_lanes += 1
+        try:
+            vectors = np.concatenate([clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
+                                      for s in range(0, len(pixels), step)])
+        except Exception:  # noqa: BLE001 - see above
+            logger.debug("embedding images in a preparing lane failed; left to the batch write", exc_info=True)
+            return
+        finally:
+            with self._mark_lock:
+                self._embedding_lanes -= 1
+        row = 0
+        for item in prepared:
+            count = len(item.image_pixels)
+            if count:
+                item.image_vectors = vectors[row:row + count]
+                item.image_pixels = []
+                row += count
+        self._lane_time("clip_image", time.perf_counter() - started)
 
     def _prepare(self, path: Path, known: dict[str, DocRecord], tenant: str, with_clip: bool) -> _Outcome:
         try:
@@ -411,6 +505,11 @@ class Ingestor:
     def _write(self, pending: list[_Prepared]) -> None:
         import torch
 
+        # The cores the preparing lanes' forward passes leave free (threads of a team that outnumber the free
+        # cores spin waiting for each other and slow the lanes down).
+        threads = max(1, self._parse_workers - self._embedding_lanes)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         chunks = [c for p in pending for c in p.chunks]
         with self._timed("text_embedder"):
             text_vectors = _encode_distinct(self.models.text_embedder.encode, [c.search_text for c in chunks])
@@ -424,12 +523,21 @@ class Ingestor:
                 with self._timed("clip_text"):
                     texts = [chunks[i].text for i in text_rows]
                     clip_vectors[text_rows] = _encode_distinct(clip.encode_texts, texts)
-            pixels = [t for p in pending for t in p.image_pixels]
             if image_rows:
                 step = self.settings.ingest.image_batch
-                with self._timed("clip_image"):
-                    vectors = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
-                               for s in range(0, len(pixels), step)]
+                with self._timed("clip_image"):  # the images no preparing lane has embedded
+                    pixels = [t for p in pending if p.image_vectors is None for t in p.image_pixels]
+                    fresh = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
+                             for s in range(0, len(pixels), step)]
+                    fresh_rows = np.concatenate(fresh) if fresh else None
+                    vectors, row = [], 0
+                    for p in pending:
+                        if p.image_vectors is not None:
+                            vectors.append(p.image_vectors)
+                        elif p.image_pixels:
+                            assert fresh_rows is not None
+                            vectors.append(fresh_rows[row:row + len(p.image_pixels)])
+                            row += len(p.image_pixels)
                     clip_vectors[image_rows] = np.concatenate(vectors)
         with self._timed("milvus_write"):
             by_doc = {p.document.doc_id: p.document for p in pending}
