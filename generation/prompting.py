@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,7 +165,7 @@ _INSTRUCTION = re.compile("|".join((
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def withheld_text(text: str, control_tokens: list[str] = ()) -> tuple[str, tuple[str, ...]]:
+def withheld_text(text: str, control_tokens: Sequence[str] = ()) -> tuple[str, tuple[str, ...]]:
     """``text`` without what speaks to the model, and what was left out: everything from the first control token
     or source delimiter on (a forged chat turn or a closed source block: the rest of the chunk is the attack), then
     each sentence that instructs the assistant (``_INSTRUCTION``)."""

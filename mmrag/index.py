@@ -123,6 +123,7 @@ class MilvusIndex:
         self._schema: dict[str, Any] | None = None
         self._reload_lock = threading.Lock()
         self._reloading = threading.local()
+        self._calling = threading.local()  # depth: this thread's call in flight (its reopening calls pass the gate)
         # Set when the connection to Milvus was lost (a call failed to connect, or the channel is not READY): the
         # next call first opens the knowledge base's collections alone (see _reopen_alone).
         self._reopen = True
@@ -190,14 +191,14 @@ class MilvusIndex:
         restarted server holds the collections released: the first call that finds them so loads them again and
         is retried once. Client calls are bounded by ``milvus.timeout_s`` (a hung server fails them instead of
         holding them)."""
-        if getattr(self._reloading, "depth", 0):  # a call made while this thread's call is in flight (a reopening)
+        if getattr(self._calling, "depth", 0):  # a call made while this thread's call is in flight (a reopening)
             return self._call_once(fn, *args, **kwargs)
         counted = self._enter_call()
-        self._reloading.depth = 1
+        self._calling.depth = 1
         try:
             return self._call_once(fn, *args, **kwargs)
         finally:
-            self._reloading.depth = 0
+            self._calling.depth = 0
             if counted:
                 with self._gate:
                     self._in_flight -= 1
