@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,17 +396,19 @@ class MilvusIndex:
         for name in ("doc_id", "modality"):
             index.add_index(name, index_type="INVERTED")
         # A creation cut short (the process killed, the server gone) can leave the first collection without the
-        # second or without the schema row: what exists already is kept, so the next attempt completes it.
+        # second, without its indexes or without the schema row: what exists already is kept, so the next attempt
+        # completes it.
         if self._call(self.client.has_collection, self.chunks):
             fields = self._call(self.client.describe_collection, self.chunks).get("fields", [])
             self._partition_key_used = any(f.get("name") == "tenant" and f.get("is_partition_key") for f in fields)
         else:
             try:
-                self.client.create_collection(self.chunks, schema=build(True), index_params=index)
+                self.client.create_collection(self.chunks, schema=build(True))
                 self._partition_key_used = True
-            except Exception as exc:  # noqa: BLE001 - older servers refuse partition keys or scalar indexes
+            except Exception as exc:  # noqa: BLE001 - older servers refuse partition keys
                 logger.info("partition key unavailable (%s); tenant is a filtered field", exc)
-                self._call(self.client.create_collection, self.chunks, schema=build(False), index_params=index)
+                self._call(self.client.create_collection, self.chunks, schema=build(False))
+        self._create_indexes(self.chunks, index)
         docs = self.client.create_schema(auto_id=False, enable_dynamic_field=False)
         docs.add_field("doc_id", DataType.VARCHAR, is_primary=True, max_length=64)
         docs.add_field("tenant", DataType.VARCHAR, max_length=128)
@@ -419,9 +422,37 @@ class MilvusIndex:
         docs_index = self.client.prepare_index_params()
         docs_index.add_index("_v", index_type="FLAT", metric_type="L2")
         if not self._call(self.client.has_collection, self.docs):
-            self._call(self.client.create_collection, self.docs, schema=docs, index_params=docs_index)
-        self._load()  # create_collection with index params loads a new collection; a kept one may be released
+            self._call(self.client.create_collection, self.docs, schema=docs)
+        self._create_indexes(self.docs, docs_index)
+        self._load()
         logger.info("created knowledge base %s at %s", self.settings.milvus.collection, self.uri)
+
+    def _create_indexes(self, collection: str, params: Any, timeout_s: float = 300.0) -> None:
+        """Create the indexes of ``params`` that ``collection`` lacks, and wait until Milvus reports them built.
+
+        pymilvus' own wait (``create_collection`` with index parameters, ``create_index``) sleeps half a second
+        before each look, per index: 3 of the 4 seconds that creating a knowledge base took. An index of an empty
+        collection is built at once, so this looks again after 10 ms, backing off to half a second."""
+        have = set(self._call(self.client.list_indexes, collection))
+        wanted = [p for p in params if (p.index_name or p.field_name) not in have]
+        if wanted:
+            self._call(self.client.create_index, collection, type(params)(wanted), sync=False)
+        deadline = time.monotonic() + timeout_s
+        pause = 0.01
+        for param in wanted:
+            name = param.index_name or param.field_name
+            while True:
+                info = self._call(self.client.describe_index, collection, name)
+                state = str(info.get("state", "Finished"))
+                if state == "Finished":
+                    break
+                if state == "Failed":
+                    raise StoreError(f"Milvus could not build the {name!r} index of {collection!r}: "
+                                     f"{info.get('index_state_fail_reason') or 'no reason given'}")
+                if time.monotonic() > deadline:
+                    raise StoreError(f"the {name!r} index of {collection!r} was not built within {timeout_s:.0f} s")
+                time.sleep(pause)
+                pause = min(0.5, pause * 2)
 
     @property
     def has_clip(self) -> bool:

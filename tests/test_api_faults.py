@@ -107,6 +107,36 @@ def test_a_knowledge_base_creation_cut_short_is_completed_by_the_next_ingest(mak
     assert [d.source for d in index.documents()] == [str(kb / "mustang.md")]
 
 
+def test_a_creation_cut_short_before_the_indexes_is_completed_by_the_next_ingest(make_runtime, tmp_path,
+                                                                               monkeypatch):
+    """Collections are created first and indexed after: a process killed between the two left a chunk collection
+    without indexes (which Milvus refuses to load); the next ingest adds the missing indexes and ingests."""
+    from mmrag.index import MilvusIndex
+
+    runtime = make_runtime()
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "mustang.md").write_text(MUSTANG_TEXT)
+    index = runtime.index
+
+    def killed(self, collection, params, timeout_s=300.0):
+        raise KeyboardInterrupt("killed after creating the collection")
+
+    monkeypatch.setattr(MilvusIndex, "_create_indexes", killed)
+    with pytest.raises(KeyboardInterrupt):
+        runtime.ingestor.ingest([kb])
+    monkeypatch.undo()
+    assert index.client.has_collection(index.chunks) and index.client.list_indexes(index.chunks) == []
+    index._schema, index._loaded = None, False
+    report = runtime.ingestor.ingest([kb])
+    assert report.failed == () and report.added == 1, report
+    assert {"text_vector", "clip_vector", "sparse", "doc_id", "modality"} <= set(index.client.list_indexes(index.chunks))
+    from retrieval.retriever import Query, Retriever
+
+    grounding = Retriever(runtime).retrieve(Query(text="Which car did Ford introduce in 1964?", k_text=1))
+    assert [hit.source for hit in grounding.text_hits] == [str(kb / "mustang.md")]
+
+
 def _race_upserts(index, rows: list[dict]) -> list[str]:
     """Upsert each row from its own thread, all at once; the ids whose upsert was acknowledged."""
     import threading
