@@ -130,7 +130,8 @@ def test_a_creation_cut_short_before_the_indexes_is_completed_by_the_next_ingest
     index._schema, index._loaded = None, False
     report = runtime.ingestor.ingest([kb])
     assert report.failed == () and report.added == 1, report
-    assert {"text_vector", "clip_vector", "sparse", "doc_id", "modality"} <= set(index.client.list_indexes(index.chunks))
+    indexes = set(index.client.list_indexes(index.chunks))
+    assert {"text_vector", "clip_vector", "sparse", "doc_id", "modality"} <= indexes
     from retrieval.retriever import Query, Retriever
 
     grounding = Retriever(runtime).retrieve(Query(text="Which car did Ford introduce in 1964?", k_text=1))

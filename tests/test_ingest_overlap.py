@@ -59,6 +59,12 @@ def test_background_document_parsing_stores_what_file_by_file_ingests_store(make
         for key in ("text_vector", "clip_vector"):  # batched differently: equal within float noise
             a, b = np.asarray(row[key], dtype=np.float32), np.asarray(other[key], dtype=np.float32)
             assert float(a @ b) > 0.999, (chunk_id, key)
+    # CLIP's text tower runs in a thread beside the text embedder: its vectors are those of the model itself.
+    texts = {i: r for i, r in mine.items() if r["modality"] != "image"}
+    expected = together.models.clip.encode_texts([r["text"] for r in texts.values()])
+    for row, vector in zip(texts.values(), expected):
+        assert float(np.asarray(row["clip_vector"], dtype=np.float32) @ vector) > 0.999, row["source"]
+    assert together.ingestor.lane_timings["clip_text"] > 0
     assert together.ingestor.ingest([tmp_path / "kb"]).unchanged == len(files)
 
 
