@@ -121,6 +121,41 @@ def test_changed_source_replaces_its_chunks(make_runtime, tmp_path):
     assert not runtime.blobs.exists(old_blob)
 
 
+def test_a_source_that_failed_after_its_chunks_went_in_is_replaced_cleanly_later(make_runtime, tmp_path,
+                                                                                   monkeypatch):
+    """Its chunks are stored but its record is not: the source stays new ("added") to the next run, which must
+    still remove those chunks when the file changed meanwhile (new sources skip that delete only after runs in
+    which every write went through)."""
+    from mmrag.index import MilvusIndex
+
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "a.txt").write_text("The lighthouse keeper lit the lamp at dusk every evening.\n")
+    (kb / "b.txt").write_text("Old text: the ferry to the island left at seven in the morning.\n")
+    runtime = make_runtime()
+    put_document = MilvusIndex.put_document
+
+    def refuse_b(self, records):
+        records = list(records)
+        if any(r.source.endswith("b.txt") for r in records):
+            raise RuntimeError("the record could not be written")
+        return put_document(self, records)
+
+    monkeypatch.setattr(MilvusIndex, "put_document", refuse_b)
+    report = runtime.ingestor.ingest([kb])
+    assert [f.source for f in report.failed] == [str(kb / "b.txt")] and report.added == 1
+    assert any("ferry" in r["text"] for r in runtime.index.chunk_rows("", ["text"]))  # left without a record
+    monkeypatch.undo()
+
+    (kb / "b.txt").write_text("New text: the ferry now leaves at nine, and a second one at noon.\n")
+    report = runtime.ingestor.ingest([kb])
+    assert (report.added, report.unchanged, report.failed) == (1, 1, ())
+    texts = [r["text"] for r in runtime.index.chunk_rows("", ["text"])]
+    assert not any("Old text" in t for t in texts) and sum("ferry" in t for t in texts) == 1
+    # After a run in which every write went through, nothing is left to clean up.
+    assert not runtime.blobs.pending_gc()
+
+
 def test_sync_removes_what_disappeared_and_delete_removes_a_document(make_runtime, tmp_path):
     kb = _kb(tmp_path / "kb")
     runtime = make_runtime()
