@@ -804,3 +804,34 @@ def test_html_nested_too_deeply_is_refused_before_parsing_while_real_markup_pass
                  "<!--" + "<div>" * 3_000 + "-->" + "<br/><img src=x>" * 10,
                  "<div></div>" * 100_000):
         check_html_nesting(fine)
+
+
+def test_parsing_sends_no_usage_reports():
+    """unstructured reports usage over the network (on import, after running nvidia-smi, and per partitioned file)
+    unless opted out; the ingest package opts out for a process that did not, and leaves a user's choice alone."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import subprocess, threading\n"
+        "started = []\n"
+        "real_start, real_run = threading.Thread.start, subprocess.run\n"
+        "threading.Thread.start = lambda self: (started.append(self.name), real_start(self))[1]\n"
+        "subprocess.run = lambda args, *a, **k: (started.append(str(args)), real_run(args, *a, **k))[1]\n"
+        "from pathlib import Path\n"
+        "from ingest.elements import ParseOptions\n"
+        "from ingest.parsers import parse_file\n"
+        "elements = parse_file(Path('a.txt'), b'The ferry leaves at nine.\\n\\nIt returns at noon.\\n', ParseOptions())\n"
+        "import os\n"
+        "print(len(elements), os.environ.get('DO_NOT_TRACK'), sorted(set(started)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DO_NOT_TRACK", "SCARF_NO_ANALYTICS")}
+    env["UNSTRUCTURED_DISABLE_NOTICE"] = "1"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "2 1 []"
+    # A value the user set is kept (here an opt-out of their own).
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "DO_NOT_TRACK": "true"}, capture_output=True,
+                         text=True, timeout=300)
+    assert out.stdout.strip() == "2 true []", out.stderr
