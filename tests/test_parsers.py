@@ -822,7 +822,8 @@ def test_parsing_sends_no_usage_reports():
         "from pathlib import Path\n"
         "from ingest.elements import ParseOptions\n"
         "from ingest.parsers import parse_file\n"
-        "elements = parse_file(Path('a.txt'), b'The ferry leaves at nine.\\n\\nIt returns at noon.\\n', ParseOptions())\n"
+        "text = b'The ferry leaves at nine.\\n\\nIt returns at noon.\\n'\n"
+        "elements = parse_file(Path('a.txt'), text, ParseOptions())\n"
         "import os\n"
         "print(len(elements), os.environ.get('DO_NOT_TRACK'), sorted(set(started)))\n"
     )
