@@ -541,10 +541,14 @@ class Ingestor:
 
     def _write(self, pending: list[_Prepared]) -> None:
         """Embed the batch's texts and write it. With more than one core, CLIP's text tower runs in a thread
-        beside the text embedder, each with one intra-op thread: on this 2-core machine one thread ran MiniLM at
-        0.74x and CLIP's text tower at 0.71x the speed of two, so the two models side by side take 0.7x the time
-        of one after the other on both cores (6.8 s against 9.5 s for 509 chunks, bf16), and a model's team of
-        two threads no longer waits on a core a preparing lane holds."""
+        beside the text embedder, each with one intra-op thread. Alone on this 2-core machine, the two models side
+        by side took as long as one after the other on both cores (8.8-9.5 s against 8.7-9.4 s for 509 chunks,
+        bf16). Within the ingest, where preparing lanes and parse workers run too, a model's team of two threads
+        waits on whichever core another thread holds: three alternating runs over the LlamaIndex peer's corpus
+        took 21.2-23.4 s (median 21.3) side by side against 21.0-29.0 s (median 24.9) one after the other.
+        Sharing both models' batches out between the two threads measured slower (28 s against 22 s in
+        consecutive benchmarks/peer.py runs), and so did letting the lanes run far ahead (three models at once
+        do not fit the cache together)."""
         import torch
 
         chunks = [c for p in pending for c in p.chunks]

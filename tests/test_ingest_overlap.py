@@ -64,7 +64,11 @@ def test_background_document_parsing_stores_what_file_by_file_ingests_store(make
     expected = together.models.clip.encode_texts([r["text"] for r in texts.values()])
     for row, vector in zip(texts.values(), expected):
         assert float(np.asarray(row["clip_vector"], dtype=np.float32) @ vector) > 0.999, row["source"]
-    assert together.ingestor.lane_timings["clip_text"] > 0
+    lanes = together.ingestor.lane_timings
+    assert lanes["clip_text"] > 0  # the thread beside the main one embedded them
+    minilm = together.models.text_embedder.encode([r["text"] for r in mine.values()])
+    for row, vector in zip(mine.values(), minilm):
+        assert float(np.asarray(row["text_vector"], dtype=np.float32) @ vector) > 0.999, row["source"]
     assert together.ingestor.ingest([tmp_path / "kb"]).unchanged == len(files)
 
 
