@@ -546,9 +546,10 @@ class Ingestor:
         bf16). Within the ingest, where preparing lanes and parse workers run too, a model's team of two threads
         waits on whichever core another thread holds: three alternating runs over the LlamaIndex peer's corpus
         took 21.2-23.4 s (median 21.3) side by side against 21.0-29.0 s (median 24.9) one after the other.
-        Sharing both models' batches out between the two threads measured slower (28 s against 22 s in
-        consecutive benchmarks/peer.py runs), and so did letting the lanes run far ahead (three models at once
-        do not fit the cache together)."""
+        Sharing both models' batches out between the two threads, each taking the next batch of either model,
+        measured slower in consecutive benchmarks/peer.py runs: 27.7 s with the lanes also running up to 1,024
+        files ahead and 28.1 s without, against 22.0 s for this arrangement, the LlamaIndex side steady at 28-29 s.
+        Why is not measured."""
         import torch
 
         chunks = [c for p in pending for c in p.chunks]
