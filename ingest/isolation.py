@@ -52,7 +52,8 @@ ISOLATED_KINDS = frozenset({"pdf", "docx", "pptx", "html", "markdown"})
 # Imported once by the forkserver, so every worker forked from it starts with them loaded (about 3 s and 400 MB
 # of which most pages stay shared between the workers); torch is kept out first (see ingest._torchless).
 PRELOAD = (
-    "ingest._torchless", "ingest.parsers", "ingest.parsers.pdf", "ingest.parsers.office", "ingest.parsers.web", "ingest.parsers.plain",
+    "ingest._torchless",
+    "ingest.parsers", "ingest.parsers.pdf", "ingest.parsers.office", "ingest.parsers.web", "ingest.parsers.plain",
     "unstructured.partition.pdf", "unstructured.partition.docx", "unstructured.partition.pptx",
     "unstructured.partition.html", "unstructured.partition.md", "unstructured.partition.text",
     "pypdfium2", "docx", "pptx", "bs4", "lxml.html", "markdown", "spacy",

@@ -256,8 +256,8 @@ class Ingestor:
                 self._beside = None
             import torch
 
-            # The batch writes ran on one thread; and a thread's count also becomes torch's default for threads
-            # started later: restore the process' count.
+            # The batch writes and the lanes set their own counts, and a thread's count also becomes torch's
+            # default for threads started later: restore the process' count.
             torch.set_num_threads(self._parse_workers)
         total = time.perf_counter() - started
         self.timings["waiting_for_preparing"] = total - sum(self.timings.values())
@@ -349,9 +349,6 @@ class Ingestor:
         in_flight: deque[Future[_Outcome]] = deque()
         slice_queue = deque(slices)
         sliced: deque[Future[list[_Outcome]]] = deque()
-        import torch
-
-        main_threads = torch.get_num_threads()
         pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="mmrag-lane")
         with pool, ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmrag-document") as parsing:
             def top_up() -> None:
@@ -381,8 +378,6 @@ class Ingestor:
                 for future in (*in_flight, *sliced):
                     future.cancel()
                 pool.shutdown(wait=True)
-                # A lane's thread count also became torch's default for threads started later: restore it.
-                torch.set_num_threads(main_threads)
 
     def _clip_texts_beside(self, texts: list[str]) -> np.ndarray:
         """CLIP text vectors, in the thread beside the main one, with one intra-op thread (kept per thread)."""
@@ -406,25 +401,34 @@ class Ingestor:
         again and isolates the source that breaks."""
         import torch
 
-        clip = self.models.clip
-        pixels = [t for p in prepared for t in p.image_pixels]
-        if clip is None or not pixels:
+        if self.models.clip is None or not any(p.image_pixels for p in prepared):
             return
         started = time.perf_counter()
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        step = self.settings.ingest.image_batch
         with self._mark_lock:
             self._embedding_lanes += 1
         try:
-            vectors = np.concatenate([clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
-                                      for s in range(0, len(pixels), step)])
+            self._embed_pixels(prepared)
         except Exception:  # noqa: BLE001 - see above
             logger.debug("embedding images in a preparing lane failed; left to the batch write", exc_info=True)
             return
         finally:
             with self._mark_lock:
                 self._embedding_lanes -= 1
+        self._lane_time("clip_image", time.perf_counter() - started)
+
+    def _embed_pixels(self, prepared: list[_Prepared]) -> None:
+        """Run CLIP's image tower over the sources' pixels, ``image_batch`` at a time, and give each source its
+        vectors (its pixels are then dropped). Nothing changes when the forward pass fails."""
+        import torch
+
+        clip = self.models.clip
+        assert clip is not None
+        pixels = [t for p in prepared for t in p.image_pixels]
+        step = self.settings.ingest.image_batch
+        vectors = np.concatenate([clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
+                                  for s in range(0, len(pixels), step)])
         row = 0
         for item in prepared:
             count = len(item.image_pixels)
@@ -432,7 +436,6 @@ class Ingestor:
                 item.image_vectors = vectors[row:row + count]
                 item.image_pixels = []
                 row += count
-        self._lane_time("clip_image", time.perf_counter() - started)
 
     def _prepare(self, path: Path, known: dict[str, DocRecord], tenant: str, with_clip: bool) -> _Outcome:
         try:
@@ -579,21 +582,12 @@ class Ingestor:
                         clip_vectors[text_rows] = _encode_distinct(clip.encode_texts,
                                                                    [chunks[i].text for i in text_rows])
             if image_rows:
-                step = self.settings.ingest.image_batch
                 with self._timed("clip_image"):  # the images no preparing lane has embedded
-                    pixels = [t for p in pending if p.image_vectors is None for t in p.image_pixels]
-                    fresh = [clip.encode_image_tensors(torch.stack(pixels[s:s + step]))
-                             for s in range(0, len(pixels), step)]
-                    fresh_rows = np.concatenate(fresh) if fresh else None
-                    vectors, row = [], 0
-                    for p in pending:
-                        if p.image_vectors is not None:
-                            vectors.append(p.image_vectors)
-                        elif p.image_pixels:
-                            assert fresh_rows is not None
-                            vectors.append(fresh_rows[row:row + len(p.image_pixels)])
-                            row += len(p.image_pixels)
-                    clip_vectors[image_rows] = np.concatenate(vectors)
+                    left = [p for p in pending if p.image_pixels]
+                    if left:
+                        self._embed_pixels(left)
+                    clip_vectors[image_rows] = np.concatenate([p.image_vectors for p in pending
+                                                               if p.image_vectors is not None])
         with self._timed("milvus_write"):
             by_doc = {p.document.doc_id: p.document for p in pending}
             rows = []
