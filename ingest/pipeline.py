@@ -12,9 +12,9 @@ any (a marker in the blob store makes the next run sweep when a run is killed be
 
 Image and text files are read, parsed, chunked and preprocessed a slice at a time in preparing lanes, one per
 core, and each lane also runs the CLIP image tower over its slice's images (with one intra-op thread, so the
-lanes overlap one slice's preprocessing with another's forward pass); the main thread embeds the texts (batched
-across sources) with the text embedder while a thread beside it runs CLIP's text tower over them, each with one
-intra-op thread, and writes (see ``_prepare_all`` and ``_write``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are
+lanes overlap one slice's preprocessing with another's forward pass); the main thread and a thread beside it embed
+the texts (batched across sources) with the text embedder and CLIP's text tower, sharing the slices of both, each
+with one intra-op thread, and the main thread writes (see ``_prepare_all`` and ``_write``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are
 parsed in worker processes under a per-file time and memory limit (``ingest.isolation``), in the background: while
 the workers parse them, the ingest process prepares and embeds the other sources, and each document joins the next
 batch once its elements are back.
@@ -30,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,64 @@ def _encode_distinct(encode: Any, texts: list[str]) -> np.ndarray:
     return encode(distinct)[[row[text] for text in texts]]
 
 
+class _SharedEncoding:
+    """Two text encoders' work over one batch, shared by two threads.
+
+    Each encoder's distinct texts are sorted by length and cut into slices of ``step`` (so a slice pads little).
+    Thread ``i`` takes encoder ``i``'s slices from the front and, once they run out, the other encoder's from the
+    back, so both threads stay busy until the batch is done whichever encoder costs more on it: MiniLM runs up to
+    256 tokens and its attention grows with the square of that, CLIP's text tower stops at 77 tokens, so on long
+    document chunks MiniLM is the slower of the two and on short passages CLIP is."""
+
+    def __init__(self, jobs: list[tuple[Any, list[str], int]], step: int) -> None:
+        self._lock = threading.Lock()
+        self._encode = [encode for encode, _, _ in jobs]
+        self._texts: list[list[str]] = []
+        self._rows: list[list[int]] = []
+        self._out: list[np.ndarray] = []
+        self._queues: list[deque[list[int]]] = []
+        self.seconds = [0.0] * len(jobs)
+        for _, texts, dim in jobs:
+            distinct = list(dict.fromkeys(texts))
+            where = {text: i for i, text in enumerate(distinct)}
+            order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
+            self._texts.append(distinct)
+            self._rows.append([where[text] for text in texts])
+            self._out.append(np.zeros((len(distinct), dim), dtype=np.float32))
+            self._queues.append(deque(order[start:start + step] for start in range(0, len(order), step)))
+
+    def work(self, own: int) -> None:
+        """Encode slices until none is left, encoder ``own``'s first (one intra-op thread: torch keeps the
+        number per thread)."""
+        import torch
+
+        if torch.get_num_threads() != 1:
+            torch.set_num_threads(1)
+        while True:
+            with self._lock:
+                if self._queues[own]:
+                    job, rows = own, self._queues[own].popleft()
+                else:
+                    job = next((j for j, queue in enumerate(self._queues) if queue), None)
+                    if job is None:
+                        return
+                    rows = self._queues[job].pop()
+            started = time.perf_counter()
+            self._out[job][rows] = self._encode[job]([self._texts[job][r] for r in rows])
+            with self._lock:
+                self.seconds[job] += time.perf_counter() - started
+
+    def abandon(self) -> None:
+        """Leave the slices not yet taken (the other thread stops after its current slice)."""
+        with self._lock:
+            for queue in self._queues:
+                queue.clear()
+
+    def vectors(self, job: int) -> np.ndarray:
+        """Encoder ``job``'s vectors, one per input text in input order."""
+        return self._out[job][self._rows[job]]
+
+
 def _lane_slices(items: list[Path], step: int, lanes: int) -> list[list[Path]]:
     """Cut ``items`` into slices of at most ``step`` for ``lanes`` preparing lanes: a multiple of ``lanes``
     slices of even size, so that the lanes finish together, and a first slice of half that size, so that the
@@ -166,7 +225,7 @@ class Ingestor:
         # stages in ``timings``, so these are not part of its total).
         self.lane_timings: dict[str, float] = {}
         self._embedding_lanes = 0  # preparing lanes running a forward pass now (see ``_write``)
-        self._beside: Any = None  # the thread that runs CLIP's text tower beside the main thread (see ``_write``)
+        self._beside: Any = None  # the thread that embeds texts beside the main thread (see ``_write``)
         self._mark_lock = threading.Lock()
         self._marked = False
 
@@ -211,7 +270,7 @@ class Ingestor:
         from concurrent.futures import ThreadPoolExecutor
 
         if clip is not None and self._parse_workers > 1:
-            self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmrag-clip-text")
+            self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmrag-embed-beside")
         try:
             # 3. Prepare a slice of sources on every core, then embed and write it in batches.
             for outcome in self._prepare_all(found.files, known, tenant, clip is not None):
@@ -379,18 +438,6 @@ class Ingestor:
                     future.cancel()
                 pool.shutdown(wait=True)
 
-    def _clip_texts_beside(self, texts: list[str]) -> np.ndarray:
-        """CLIP text vectors, in the thread beside the main one, with one intra-op thread (kept per thread)."""
-        import torch
-
-        assert self.models.clip is not None
-        started = time.perf_counter()
-        if torch.get_num_threads() != 1:
-            torch.set_num_threads(1)
-        vectors = _encode_distinct(self.models.clip.encode_texts, texts)
-        self._lane_time("clip_text", time.perf_counter() - started)
-        return vectors
-
     def _lane_time(self, stage: str, seconds: float) -> None:
         with self._mark_lock:
             self.lane_timings[stage] = self.lane_timings.get(stage, 0.0) + seconds
@@ -543,44 +590,59 @@ class Ingestor:
         bar.update(1)
 
     def _write(self, pending: list[_Prepared]) -> None:
-        """Embed the batch's texts and write it. With more than one core, CLIP's text tower runs in a thread
-        beside the text embedder, each with one intra-op thread. Alone on this 2-core machine, the two models side
-        by side took as long as one after the other on both cores (8.8-9.5 s against 8.7-9.4 s for 509 chunks,
-        bf16). Within the ingest, where preparing lanes and parse workers run too, a model's team of two threads
-        waits on whichever core another thread holds: three alternating runs over the LlamaIndex peer's corpus
-        took 21.2-23.4 s (median 21.3) side by side against 21.0-29.0 s (median 24.9) one after the other.
-        Sharing both models' batches out between the two threads, each taking the next batch of either model,
-        measured slower in consecutive benchmarks/peer.py runs: 27.7 s with the lanes also running up to 1,024
-        files ahead and 28.1 s without, against 22.0 s for this arrangement, the LlamaIndex side steady at 28-29 s.
-        Why is not measured."""
+        """Embed the batch's texts and write it. With more than one core, the text embedder and CLIP's text tower
+        share the batch between the main thread and the one beside it, each with one intra-op thread (see
+        ``_SharedEncoding``). A model's team of two threads waits on whichever core a preparing lane or a parse
+        worker holds, so one-thread models side by side did better within the ingest: three alternating runs over
+        the LlamaIndex peer's corpus took 21.2-23.4 s (median 21.3) with each model on its own thread, against
+        21.0-29.0 s (median 24.9) one model after the other on both cores. With each model on its own thread, one
+        core idled whenever one model finished a batch first (MiniLM on long document chunks, CLIP on short
+        passages): sharing the slices, three alternating runs over the same corpus took 17.5-18.6 s (median 17.6)
+        against 18.7-20.9 s (median 20.7)."""
         import torch
 
         chunks = [c for p in pending for c in p.chunks]
         clip = self.models.clip
+        embedder = self.models.text_embedder
         text_rows = [i for i, c in enumerate(chunks) if c.modality != "image"] if clip is not None else []
-        beside = None
-        if text_rows and self._beside is not None:  # CLIP's text tower beside the text embedder, a core each
-            beside = self._beside.submit(self._clip_texts_beside, [chunks[i].text for i in text_rows])
-            threads = 1
+        search_texts = [c.search_text for c in chunks]
+        clip_vectors: np.ndarray | None = None
+        if clip is not None:
+            clip_vectors = np.zeros((len(chunks), clip.signature.dim), dtype=np.float32)
+        if text_rows and self._beside is not None:  # both text encoders on both cores (see _SharedEncoding)
+            assert clip is not None and clip_vectors is not None
+            shared = _SharedEncoding([(embedder.encode, search_texts, embedder.signature.dim),
+                                      (clip.encode_texts, [chunks[i].text for i in text_rows], clip.signature.dim)],
+                                     self.settings.ingest.text_batch)
+            beside = self._beside.submit(shared.work, 1)
+            try:
+                with self._timed("text_encoders"):
+                    shared.work(0)
+            except BaseException:
+                shared.abandon()  # the beside thread stops after its slice; the batch fails with this error
+                futures_wait([beside])
+                raise
+            with self._timed("text_encoders_waiting_for_beside"):  # the beside thread's last slice
+                beside.result()
+            self._lane_time("text_embedder", shared.seconds[0])
+            self._lane_time("clip_text", shared.seconds[1])
+            text_vectors = shared.vectors(0)
+            clip_vectors[text_rows] = shared.vectors(1)
         else:
             # The cores the preparing lanes' forward passes leave free (threads of a team that outnumber the free
             # cores spin waiting for each other and slow the lanes down).
             threads = max(1, self._parse_workers - self._embedding_lanes)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        with self._timed("text_embedder"):
-            text_vectors = _encode_distinct(self.models.text_embedder.encode, [c.search_text for c in chunks])
-        clip_vectors: np.ndarray | None = None
-        if clip is not None:
-            clip_vectors = np.zeros((len(chunks), clip.signature.dim), dtype=np.float32)
-            image_rows = [i for i, c in enumerate(chunks) if c.modality == "image"]
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with self._timed("text_embedder"):
+                text_vectors = _encode_distinct(embedder.encode, search_texts)
             if text_rows:
+                assert clip is not None and clip_vectors is not None
                 with self._timed("clip_text"):
-                    if beside is not None:
-                        clip_vectors[text_rows] = beside.result()
-                    else:
-                        clip_vectors[text_rows] = _encode_distinct(clip.encode_texts,
-                                                                   [chunks[i].text for i in text_rows])
+                    clip_vectors[text_rows] = _encode_distinct(clip.encode_texts, [chunks[i].text for i in text_rows])
+        if clip is not None:
+            assert clip_vectors is not None
+            image_rows = [i for i, c in enumerate(chunks) if c.modality == "image"]
             if image_rows:
                 with self._timed("clip_image"):  # the images no preparing lane has embedded
                     left = [p for p in pending if p.image_pixels]
