@@ -130,11 +130,13 @@ def _encode_distinct(encode: Any, texts: list[str]) -> np.ndarray:
 class _SharedEncoding:
     """Two text encoders' work over one batch, shared by two threads.
 
-    Each encoder's distinct texts are sorted by length and cut into slices of ``step`` (so a slice pads little).
-    Thread ``i`` takes encoder ``i``'s slices from the front and, once they run out, the other encoder's from the
-    back, so both threads stay busy until the batch is done whichever encoder costs more on it: MiniLM runs up to
-    256 tokens and its attention grows with the square of that, CLIP's text tower stops at 77 tokens, so on long
-    document chunks MiniLM is the slower of the two and on short passages CLIP is."""
+    Each encoder's distinct texts are sorted by length and taken in slices of ``step`` (so a slice pads little).
+    Thread ``i`` takes encoder ``i``'s slices from the front (shortest first) and, once they run out, the other
+    encoder's from the back, so both threads stay busy until the batch is done whichever encoder costs more on it:
+    MiniLM runs up to 256 tokens and its attention grows with the square of that, CLIP's text tower stops at 77
+    tokens, so on long document chunks MiniLM is the slower of the two and on short passages CLIP is. The last
+    ``4 * step`` texts go in slices of a quarter of ``step``, so that the thread that runs out first waits for
+    less of the other's last slice."""
 
     def __init__(self, jobs: list[tuple[Any, list[str], int]], step: int) -> None:
         self._lock = threading.Lock()
@@ -142,16 +144,16 @@ class _SharedEncoding:
         self._texts: list[list[str]] = []
         self._rows: list[list[int]] = []
         self._out: list[np.ndarray] = []
-        self._queues: list[deque[list[int]]] = []
+        self._queues: list[deque[int]] = []
+        self._step = step
         self.seconds = [0.0] * len(jobs)
         for _, texts, dim in jobs:
             distinct = list(dict.fromkeys(texts))
             where = {text: i for i, text in enumerate(distinct)}
-            order = sorted(range(len(distinct)), key=lambda i: len(distinct[i]))
             self._texts.append(distinct)
             self._rows.append([where[text] for text in texts])
             self._out.append(np.zeros((len(distinct), dim), dtype=np.float32))
-            self._queues.append(deque(order[start:start + step] for start in range(0, len(order), step)))
+            self._queues.append(deque(sorted(range(len(distinct)), key=lambda i: len(distinct[i]))))
 
     def work(self, own: int) -> None:
         """Encode slices until none is left, encoder ``own``'s first (one intra-op thread: torch keeps the
@@ -162,13 +164,17 @@ class _SharedEncoding:
             torch.set_num_threads(1)
         while True:
             with self._lock:
+                left = sum(len(queue) for queue in self._queues)
+                if not left:
+                    return
+                size = self._step if left > 4 * self._step else max(1, self._step // 4)
                 if self._queues[own]:
-                    job, rows = own, self._queues[own].popleft()
+                    job, queue = own, self._queues[own]
+                    rows = [queue.popleft() for _ in range(min(size, len(queue)))]
                 else:
-                    job = next((j for j, queue in enumerate(self._queues) if queue), None)
-                    if job is None:
-                        return
-                    rows = self._queues[job].pop()
+                    job = next(j for j, queue in enumerate(self._queues) if queue)
+                    queue = self._queues[job]
+                    rows = [queue.pop() for _ in range(min(size, len(queue)))][::-1]
             started = time.perf_counter()
             self._out[job][rows] = self._encode[job]([self._texts[job][r] for r in rows])
             with self._lock:

@@ -98,17 +98,20 @@ def test_shared_encoding_keeps_input_order_and_lets_the_idle_thread_take_the_oth
 
     from ingest.pipeline import _SharedEncoding
 
-    stolen = threading.Event()
+    started, stolen = threading.Event(), threading.Event()
     calls: list[tuple[str, str, int]] = []
 
     def encoder(name: str):
         def encode(texts: list[str]) -> np.ndarray:
             thread = threading.current_thread().name
             calls.append((name, thread, len(texts)))
-            if name == "slow" and thread == "beside":
+            if name == "fast":
+                started.wait(10)  # the beside thread's own slice lasts until the main thread has begun its own
+            elif thread == "beside":
                 stolen.set()
-            elif name == "slow":
-                stolen.wait(10)  # the main thread's first slice lasts until the beside thread has taken one
+            else:
+                started.set()
+                stolen.wait(10)  # the main thread's slice lasts until the beside thread has taken one of its model
             return np.array([[len(t), ord(t[0]), 1.0 if name == "slow" else 2.0] for t in texts], dtype=np.float32)
         return encode
 
