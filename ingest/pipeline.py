@@ -308,10 +308,15 @@ class Ingestor:
             # 5. Seal what was written (a reopened embedded store then loads segments instead of replaying its
             #    write log, and BM25 statistics are not rebuilt on every query), then sweep blobs that no
             #    chunk references any more.
+            #    A run that only added sources, all of them whole, with no earlier run cut short (see
+            #    ``_no_leftovers``), leaves no blob unreferenced: it skips the sweep, which reads the blob key of
+            #    every chunk in the knowledge base however few this run wrote.
             if self._marked:
                 with self._timed("milvus_flush_and_blob_sweep"):
                     self.index.flush()
-                    self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
+                    if not (self._no_leftovers and not failed and not self._write_failed
+                            and counts["updated"] == counts["deleted"] == 0):
+                        self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
                     if not self._write_failed:  # a source that failed after its chunks went in may have left them
                         self.blobs.clear_pending_gc()
         finally:

@@ -95,6 +95,27 @@ def test_reingest_unchanged_writes_nothing(make_runtime, tmp_path, monkeypatch):
     assert {k: os.stat(runtime.blobs.url_of(k)).st_mtime_ns for k in runtime.blobs.keys()} == blob_times
 
 
+def test_a_run_that_only_adds_whole_sources_skips_the_blob_sweep(make_runtime, tmp_path, monkeypatch):
+    """Nothing such a run does can leave a blob unreferenced, and the sweep reads every chunk's blob key."""
+    from mmrag.blobs import BlobStore
+
+    kb = _kb(tmp_path / "kb")
+    runtime = make_runtime()
+    sweeps: list[int] = []
+    sweep = BlobStore.sweep
+    monkeypatch.setattr(BlobStore, "sweep", lambda self, *a, **k: sweeps.append(sweep(self, *a, **k)) or sweeps[-1])
+    report = runtime.ingestor.ingest([kb])
+    assert report.added == 3 and not report.failed and sweeps == []
+    assert not runtime.blobs.pending_gc()
+    assert sorted(runtime.blobs.keys()) == sorted(runtime.index.blob_keys())
+    # A run with a failure sweeps: a source may have stored its images before it failed.
+    (kb / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    (kb / "ferries.txt").write_text("The ferry to the island leaves at seven in the morning.\n")
+    report = runtime.ingestor.ingest([kb])
+    assert report.added == 1 and [Path(f.source).name for f in report.failed] == ["broken.png"]
+    assert sweeps == [0] and not runtime.blobs.pending_gc()
+
+
 def test_changed_source_replaces_its_chunks(make_runtime, tmp_path):
     kb = _kb(tmp_path / "kb")
     runtime = make_runtime()
