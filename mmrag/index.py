@@ -85,6 +85,29 @@ class DocRecord:
         return cls(**{k: row[k] for k in DOC_FIELDS if k in row})
 
 
+class _Deadlined:
+    """A pymilvus connection handler whose calls get ``timeout`` unless they name their own.
+
+    pymilvus' ``QueryIterator`` looks its collection up with no deadline (pymilvus 2.6: ``describe_collection``
+    in ``__set_up_collection_id``), so a server that accepts the call and never answers held an iteration, and
+    with it an ingest or a delete, for ever."""
+
+    def __init__(self, handler: Any, timeout: float | None) -> None:
+        self._handler = handler
+        self._timeout = timeout
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._handler, name)
+        if self._timeout is None or not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", self._timeout)
+            return attr(*args, **kwargs)
+
+        return call
+
+
 def _released(exc: Exception) -> bool:
     """A search or query refused because the collection is not loaded (code 101: a restarted server, or another
     client released it)."""
@@ -460,9 +483,18 @@ class MilvusIndex:
         return bool(schema and schema.get("clip"))
 
     # -- documents --------------------------------------------------------------------------------------------
+    def _query_iterator(self, collection: str, expr: str, fields: list[str], batch: int) -> Any:
+        """``MilvusClient.query_iterator``, with every call it makes bounded by ``milvus.timeout_s``."""
+        from pymilvus.orm.iterator import QueryIterator
+
+        timeout = self.settings.milvus.timeout_s or None
+        connection = _Deadlined(self.client._get_connection(), timeout)
+        schema, _ = connection._get_schema(collection)
+        return QueryIterator(connection=connection, collection_name=collection, batch_size=batch, expr=expr,
+                             output_fields=fields, schema=schema, timeout=timeout)
+
     def _iterate(self, collection: str, expr: str, fields: list[str], batch: int = 1000) -> Iterator[dict[str, Any]]:
-        iterator = self._call(self.client.query_iterator, collection, batch_size=batch, filter=expr,
-                              output_fields=fields)
+        iterator = self._call(self._query_iterator, collection, expr, fields, batch)
         try:
             while True:
                 page = self._call(iterator.next)

@@ -3,6 +3,7 @@ as docker compose's Milvus standalone would be reached through ``--milvus-uri``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -87,3 +88,39 @@ def test_creating_the_knowledge_base_runs_alone(make_runtime, tmp_path, milvus_s
     overlapping = [(start, end) for _, start, end in calls if start < created_until and end > created_at]
     assert not overlapping, f"{len(overlapping)} requests ran while the knowledge base was being created"
     assert runtime.index.count() == 1
+
+
+def test_listing_a_hung_servers_documents_fails_within_the_timeout(make_runtime, tmp_path, milvus_server):
+    """Every ingest and delete starts by listing documents through a query iterator: like every other call, it is
+    bounded by milvus.timeout_s when the server takes the call and never answers (SIGSTOP), and works again once
+    the server does."""
+    import threading
+
+    from mmrag.errors import StoreError
+
+    runtime = make_runtime(milvus={"uri": milvus_server.uri, "index_type": "FLAT", "timeout_s": 2})
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    (kb / "a.txt").write_text("The lighthouse keeper lit the lamp at dusk.\n")
+    assert runtime.ingestor.ingest([kb]).added == 1
+    outcome: list[object] = []
+
+    def listing() -> None:
+        try:
+            outcome.append(runtime.index.documents())
+        except StoreError as exc:
+            outcome.append(exc)
+
+    milvus_server.pause()
+    try:
+        started = time.monotonic()
+        thread = threading.Thread(target=listing, daemon=True)
+        thread.start()
+        thread.join(30)
+        took = time.monotonic() - started
+    finally:
+        milvus_server.resume()
+    thread.join(60)
+    assert outcome and isinstance(outcome[0], StoreError), outcome
+    assert took < 30
+    assert [d.source for d in runtime.index.documents()] == [str(kb / "a.txt")]
