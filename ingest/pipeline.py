@@ -225,6 +225,7 @@ class Ingestor:
         self._fresh = False  # the knowledge base was created by the running ingest (embedded store only)
         self._no_leftovers = False  # no earlier run can have left chunks without a record (see ``ingest``)
         self._write_failed = False  # a source failed in this run's writes
+        self._stray_blobs = False  # a source failed after storing an image blob in this run
         # Wall seconds per stage of the last ingest (see ``_timed``): where its time went.
         self.timings: dict[str, float] = {}
         # Seconds the preparing lanes spent per stage in the last ingest, summed over lanes (they run beside the
@@ -265,6 +266,7 @@ class Ingestor:
             # at a time in the embedded store), and adding it needs no delete of older versions' chunks.
             self._no_leftovers = self.index.embedded and not self._marked
             self._write_failed = False
+            self._stray_blobs = False
             known = {d.source: d for d in self.index.documents(tenant)}
         failed = [Failure(m, "no such file or directory") for m in found.missing]
         counts = {"added": 0, "updated": 0, "unchanged": 0, "deleted": 0}
@@ -308,13 +310,13 @@ class Ingestor:
             # 5. Seal what was written (a reopened embedded store then loads segments instead of replaying its
             #    write log, and BM25 statistics are not rebuilt on every query), then sweep blobs that no
             #    chunk references any more.
-            #    A run that only added sources, all of them whole, with no earlier run cut short (see
-            #    ``_no_leftovers``), leaves no blob unreferenced: it skips the sweep, which reads the blob key of
-            #    every chunk in the knowledge base however few this run wrote.
+            #    A run that only added sources, with no earlier run cut short (see ``_no_leftovers``) and no
+            #    source failing after it stored an image, leaves no blob unreferenced: it skips the sweep, which
+            #    reads the blob key of every chunk in the knowledge base however few this run wrote.
             if self._marked:
                 with self._timed("milvus_flush_and_blob_sweep"):
                     self.index.flush()
-                    if not (self._no_leftovers and not failed and not self._write_failed
+                    if not (self._no_leftovers and not self._stray_blobs and not self._write_failed
                             and counts["updated"] == counts["deleted"] == 0):
                         self.blobs.sweep(self.index.blob_keys(), self._sweep_grace())
                     if not self._write_failed:  # a source that failed after its chunks went in may have left them
@@ -539,27 +541,34 @@ class Ingestor:
         clip = self.models.clip if with_clip else None
         chunks: list[Chunk] = []
         pixels: list[Any] = []
-        for position, draft in enumerate(drafts):
-            meta = dict(draft.meta)
-            if draft.bbox is not None:
-                meta["bbox"] = [round(float(v), 2) for v in draft.bbox]
-            if draft.modality == "image":
-                assert draft.image is not None
-                fmt = str(meta.get("format") or Image.open(io.BytesIO(draft.image)).format or "png").lower()
-                self._mark_blob_writes()
-                key = self.blobs.put(draft.image, "jpg" if fmt == "jpeg" else fmt)
-                if clip is not None:
-                    pixels.append(clip.preprocess_image(draft.decoded) if draft.decoded is not None
-                                  else clip.preprocess_bytes(draft.image))
-                chunk_id = Chunk.make_id(document.doc_id, "image", position, key)
-                chunks.append(Chunk(chunk_id, document.doc_id, "image", blob=key, page=draft.page,
-                                    bbox=draft.bbox, order=position, context=clip_text(draft.context, 8192),
-                                    metadata=meta))
-            else:
-                text = clip_text(draft.text, MAX_TEXT_BYTES)
-                chunk_id = Chunk.make_id(document.doc_id, draft.modality, position, text)
-                chunks.append(Chunk(chunk_id, document.doc_id, draft.modality, text=text, page=draft.page,  # type: ignore[arg-type]
-                                    order=position, metadata=meta))
+        stored = False  # this source has stored an image blob
+        try:
+            for position, draft in enumerate(drafts):
+                meta = dict(draft.meta)
+                if draft.bbox is not None:
+                    meta["bbox"] = [round(float(v), 2) for v in draft.bbox]
+                if draft.modality == "image":
+                    assert draft.image is not None
+                    fmt = str(meta.get("format") or Image.open(io.BytesIO(draft.image)).format or "png").lower()
+                    self._mark_blob_writes()
+                    stored = True
+                    key = self.blobs.put(draft.image, "jpg" if fmt == "jpeg" else fmt)
+                    if clip is not None:
+                        pixels.append(clip.preprocess_image(draft.decoded) if draft.decoded is not None
+                                      else clip.preprocess_bytes(draft.image))
+                    chunk_id = Chunk.make_id(document.doc_id, "image", position, key)
+                    chunks.append(Chunk(chunk_id, document.doc_id, "image", blob=key, page=draft.page,
+                                        bbox=draft.bbox, order=position, context=clip_text(draft.context, 8192),
+                                        metadata=meta))
+                else:
+                    text = clip_text(draft.text, MAX_TEXT_BYTES)
+                    chunk_id = Chunk.make_id(document.doc_id, draft.modality, position, text)
+                    chunks.append(Chunk(chunk_id, document.doc_id, draft.modality, text=text, page=draft.page,  # type: ignore[arg-type]
+                                        order=position, metadata=meta))
+        except BaseException:
+            if stored:
+                self._stray_blobs = True  # its blobs may be left unreferenced: this run sweeps
+            raise
         return chunks, pixels
 
     # -- embedding and writing (main thread) ------------------------------------------------------------------

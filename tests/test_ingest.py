@@ -96,24 +96,35 @@ def test_reingest_unchanged_writes_nothing(make_runtime, tmp_path, monkeypatch):
 
 
 def test_a_run_that_only_adds_whole_sources_skips_the_blob_sweep(make_runtime, tmp_path, monkeypatch):
-    """Nothing such a run does can leave a blob unreferenced, and the sweep reads every chunk's blob key."""
+    """Nothing such a run does can leave a blob unreferenced, and the sweep reads every chunk's blob key. A source
+    that fails before storing an image changes nothing; one that fails after it makes the run sweep."""
     from mmrag.blobs import BlobStore
+    from mmrag.encoders import ClipEncoder
 
     kb = _kb(tmp_path / "kb")
+    (kb / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # refused while parsing
     runtime = make_runtime()
     sweeps: list[int] = []
     sweep = BlobStore.sweep
     monkeypatch.setattr(BlobStore, "sweep", lambda self, *a, **k: sweeps.append(sweep(self, *a, **k)) or sweeps[-1])
     report = runtime.ingestor.ingest([kb])
-    assert report.added == 3 and not report.failed and sweeps == []
-    assert not runtime.blobs.pending_gc()
+    assert report.added == 3 and [Path(f.source).name for f in report.failed] == ["broken.png"]
+    assert sweeps == [] and not runtime.blobs.pending_gc()
     assert sorted(runtime.blobs.keys()) == sorted(runtime.index.blob_keys())
-    # A run with a failure sweeps: a source may have stored its images before it failed.
-    (kb / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    (kb / "ferries.txt").write_text("The ferry to the island leaves at seven in the morning.\n")
+    # A source whose image is stored and then fails: its blob is referenced by no chunk, and the run sweeps it.
+    Image.new("RGB", (40, 30), (10, 160, 40)).save(kb / "green.png")
+    preprocess = ClipEncoder.preprocess_image
+
+    def refuse_green(self, image):
+        if image.getpixel((0, 0)) == (10, 160, 40):
+            raise RuntimeError("preprocessing failed")
+        return preprocess(self, image)
+
+    monkeypatch.setattr(ClipEncoder, "preprocess_image", refuse_green)
     report = runtime.ingestor.ingest([kb])
-    assert report.added == 1 and [Path(f.source).name for f in report.failed] == ["broken.png"]
-    assert sweeps == [0] and not runtime.blobs.pending_gc()
+    assert [Path(f.source).name for f in report.failed] == ["broken.png", "green.png"]
+    assert sweeps == [1] and not runtime.blobs.pending_gc()
+    assert sorted(runtime.blobs.keys()) == sorted(runtime.index.blob_keys())
 
 
 def test_changed_source_replaces_its_chunks(make_runtime, tmp_path):
