@@ -14,10 +14,10 @@ Image and text files are read, parsed, chunked and preprocessed a slice at a tim
 core, and each lane also runs the CLIP image tower over its slice's images (with one intra-op thread, so the
 lanes overlap one slice's preprocessing with another's forward pass); the main thread and a thread beside it embed
 the texts (batched across sources) with the text embedder and CLIP's text tower, sharing the slices of both, each
-with one intra-op thread, and the main thread writes (see ``_prepare_all`` and ``_write``). Documents (PDF, DOCX, PPTX, HTML, Markdown) are
-parsed in worker processes under a per-file time and memory limit (``ingest.isolation``), in the background: while
-the workers parse them, the ingest process prepares and embeds the other sources, and each document joins the next
-batch once its elements are back.
+with one intra-op thread, and the main thread writes (see ``_prepare_all`` and ``_write``). Documents (PDF, DOCX,
+PPTX, HTML, Markdown) are parsed in worker processes under a per-file time and memory limit
+(``ingest.isolation``), in the background: while the workers parse them, the ingest process prepares and embeds the
+other sources, and each document joins the next batch once its elements are back.
 """
 
 from __future__ import annotations
@@ -117,14 +117,20 @@ def _warm_up_text_parser() -> None:
     threading.Thread(target=load, name="mmrag-text-parser-warm-up", daemon=True).start()
 
 
+def _distinct(texts: list[str]) -> tuple[list[str], list[int]]:
+    """The distinct texts in first-seen order, and each input text's row among them."""
+    distinct = list(dict.fromkeys(texts))
+    row = {text: i for i, text in enumerate(distinct)}
+    return distinct, [row[text] for text in texts]
+
+
 def _encode_distinct(encode: Any, texts: list[str]) -> np.ndarray:
     """``encode(texts)`` with each distinct text encoded once (a repeated text gets the same vector): image
     contexts taken from one page, headers and footers repeat within a batch."""
-    distinct = list(dict.fromkeys(texts))
+    distinct, rows = _distinct(texts)
     if len(distinct) == len(texts):
         return encode(texts)
-    row = {text: i for i, text in enumerate(distinct)}
-    return encode(distinct)[[row[text] for text in texts]]
+    return encode(distinct)[rows]
 
 
 class _SharedEncoding:
@@ -148,10 +154,9 @@ class _SharedEncoding:
         self._step = step
         self.seconds = [0.0] * len(jobs)
         for _, texts, dim in jobs:
-            distinct = list(dict.fromkeys(texts))
-            where = {text: i for i, text in enumerate(distinct)}
+            distinct, rows = _distinct(texts)
             self._texts.append(distinct)
-            self._rows.append([where[text] for text in texts])
+            self._rows.append(rows)
             self._out.append(np.zeros((len(distinct), dim), dtype=np.float32))
             self._queues.append(deque(sorted(range(len(distinct)), key=lambda i: len(distinct[i]))))
 
